@@ -1,0 +1,54 @@
+# EFT Serve. `make test` sets everything up in .venv and runs the test suite.
+#
+# Variables (override on the command line, e.g. `make test TORCH=torch==2.5.1+cu124`):
+#   PYTHON       interpreter that creates .venv (Python >= 3.11)
+#   TORCH        pip spec of torch installed into a venv that has none (default: the CPU build)
+#   CONSTRAINTS  pip constraints file pinning the tested dependency versions ('' for none)
+#   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS='-k speculative -x'
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+PYTEST_ARGS ?=
+PIP_FLAGS ?= --quiet --progress-bar off --disable-pip-version-check
+
+BIN := $(VENV)/bin
+PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
+STUBS_STAMP := services/pb/.stamp
+CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+.DEFAULT_GOAL := help
+.PHONY: help test install stubs constraints clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+test: install stubs  ## set up .venv (torch, the project, its test extra, gRPC stubs) and run pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed  ## create .venv and install torch and the project (editable)
+
+stubs: $(STUBS_STAMP)  ## generate the gRPC stubs from proto/ into services/pb/
+
+constraints: install  ## re-pin constraints.txt to what .venv resolved (torch left to the user)
+	$(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|eft-serve)==' > constraints.txt
+
+clean:  ## remove .venv, generated stubs and caches
+	rm -rf $(VENV) services/pb/*/ $(STUBS_STAMP) .pytest_cache .hypothesis *.egg-info build dist
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(PIP_FLAGS) --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install $(PIP_FLAGS) '$(TORCH)'
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(VENV)/.torch
+	$(BIN)/pip install $(PIP_FLAGS) $(CONSTRAINT_FLAG) -e '.[test]'
+	@touch $@
+
+$(STUBS_STAMP): $(PROTOS) proto/generate.py $(VENV)/.installed
+	$(BIN)/python proto/generate.py
+	@touch $@

@@ -1,0 +1,184 @@
+"""Sampling: EFT log-probabilities -> the distribution a request samples from -> tokens.
+
+Per row, in this order (as in vLLM and Hugging Face):
+
+1. **temperature**: divide by T; T = 0 means greedy (the filters below still apply, and the
+   row then takes the most probable token that survives them).
+2. **top-k**: keep the k most probable tokens (k = 0: off).
+3. **top-p**: keep the smallest set of most probable tokens whose mass reaches p (p = 1: off).
+   With **conservative top-p** the nucleus is taken from another distribution (the small
+   tuned model's, per the EFT paper) at the same temperature, and applied to the target.
+
+Every row has its own parameters; rows with a seed draw from their own ``torch.Generator``
+(``generators: dict[row, Generator]``), so a seeded request's tokens do not depend on which
+other requests share its batch.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from eft_core.errors import require
+
+FILTER_TEMPERATURE_WHEN_GREEDY = 1.0  # greedy rows compute their top-p (and nucleus) at T = 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling controls, validated on construction."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    conservative_top_p: bool = False
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        require(_is_real(self.temperature) and self.temperature >= 0, "temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0 (0: off), got {self.top_k!r}")
+        require(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        require(isinstance(self.conservative_top_p, bool), "conservative_top_p", f"must be a bool, got {self.conservative_top_p!r}")
+        require(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+        require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        for i, token in enumerate(self.stop_token_ids):
+            require(_is_int(token) and token >= 0, f"stop_token_ids[{i}]", f"must be a token id >= 0, got {token!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, plus the seeded rows' generators."""
+
+    temperature: torch.Tensor  # [rows] float32, 0 = greedy
+    top_k: torch.Tensor  # [rows] int64, 0 = off
+    top_p: torch.Tensor  # [rows] float32, 1 = off
+    conservative: torch.Tensor  # [rows] bool
+    generators: dict[int, torch.Generator]
+
+    @staticmethod
+    def from_params(params: list[SamplingParams], generators: dict[int, torch.Generator] | None = None) -> "SamplingBatch":
+        """Tensors for a batch of requests; ``generators`` defaults to one per seeded row."""
+        if generators is None:
+            generators = {i: seeded_generator(p.seed) for i, p in enumerate(params) if p.seed is not None}
+        return SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            conservative=torch.tensor([p.conservative_top_p for p in params], dtype=torch.bool),
+            generators=generators,
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.temperature.shape[0]
+
+    def rows_of(self, rows: list[int]) -> "SamplingBatch":
+        """The batch restricted to some rows (renumbered 0..), e.g. the rows still drafting."""
+        index = torch.tensor(rows, dtype=torch.int64)
+        generators = {new: self.generators[old] for new, old in enumerate(rows) if old in self.generators}
+        return SamplingBatch(self.temperature[index], self.top_k[index], self.top_p[index], self.conservative[index], generators)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def sampling_probs(
+    logprobs: torch.Tensor,  # [rows, vocab] float32 target log-probabilities
+    batch: SamplingBatch,
+    nucleus_logprobs: torch.Tensor | None = None,  # [rows, vocab] for conservative top-p rows
+) -> torch.Tensor:  # [rows, vocab] float32: the distribution each row samples from
+    """Apply temperature, top-k and top-p; greedy rows become one-hot on their best kept token."""
+    assert logprobs.dim() == 2 and logprobs.shape[0] == batch.rows, logprobs.shape
+    temperature = torch.where(batch.temperature == 0, FILTER_TEMPERATURE_WHEN_GREEDY, batch.temperature)[:, None]
+    scaled = logprobs.float() / temperature
+    scaled = scaled.masked_fill(~top_k_mask(scaled, batch.top_k), -math.inf)
+    keep = top_p_mask(scaled, batch.top_p)
+    if nucleus_logprobs is not None and bool(batch.conservative.any()):
+        nucleus = top_p_mask(nucleus_logprobs.float() / temperature, batch.top_p)
+        keep = torch.where(batch.conservative[:, None], nucleus & torch.isfinite(scaled), keep)
+    keep |= ~keep.any(dim=-1, keepdim=True) & one_hot_argmax(scaled)  # empty set: keep the best
+    probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
+    greedy = (batch.temperature == 0)[:, None]
+    return torch.where(greedy, one_hot_argmax(probs).float(), probs)
+
+
+def top_k_mask(
+    logits: torch.Tensor,  # [rows, vocab]
+    top_k: torch.Tensor,  # [rows] int64, 0 = keep all
+) -> torch.Tensor:  # [rows, vocab] bool: exactly min(k, vocab) tokens kept per filtered row
+    vocab = logits.shape[-1]
+    k = torch.where(top_k <= 0, vocab, top_k.clamp(max=vocab))
+    order = torch.argsort(logits, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab).expand_as(order))
+    return rank < k[:, None]
+
+
+def top_p_mask(
+    logits: torch.Tensor,  # [rows, vocab] (log-probabilities up to a constant; -inf = excluded)
+    top_p: torch.Tensor,  # [rows] float32 in (0, 1], 1 = keep all
+) -> torch.Tensor:  # [rows, vocab] bool: smallest most-probable set with mass >= top_p
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
+    return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def one_hot_argmax(values: torch.Tensor) -> torch.Tensor:  # [rows, vocab] bool
+    return torch.zeros_like(values, dtype=torch.bool).scatter_(-1, values.argmax(dim=-1, keepdim=True), True)
+
+
+def sample_from_probs(
+    probs: torch.Tensor,  # [rows, vocab], rows sum to 1
+    generators: dict[int, torch.Generator],
+) -> torch.Tensor:  # [rows] int64
+    """Exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i."""
+    race = per_row_random(probs.shape, generators, lambda t, g: t.exponential_(generator=g))
+    return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
+def per_row_random(shape: tuple[int, ...], generators: dict[int, torch.Generator], fill) -> torch.Tensor:
+    """A float32 tensor whose row i is filled by ``fill(row, generators[i])`` where seeded,
+    and from the global generator elsewhere."""
+    values = torch.empty(shape, dtype=torch.float32)
+    seeded = set(generators)
+    unseeded = [i for i in range(shape[0]) if i not in seeded]
+    for row, generator in generators.items():
+        fill(values[row], generator)
+    if unseeded:
+        rest = values[unseeded]
+        fill(rest, None)
+        values[unseeded] = rest
+    return values
+
+
+def sample(
+    logprobs: torch.Tensor,  # [rows, vocab] float32 target log-probabilities
+    batch: SamplingBatch,
+    nucleus_logprobs: torch.Tensor | None = None,  # [rows, vocab]
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [rows] int64, their logprobs [rows]
+    """Sample one token per row. The logprob returned is the token's under ``logprobs``
+    (the model's distribution before temperature and filters, as vLLM reports it)."""
+    probs = sampling_probs(logprobs, batch, nucleus_logprobs)
+    tokens = sample_from_probs(probs, batch.generators)
+    greedy = batch.temperature == 0
+    tokens = torch.where(greedy, probs.argmax(dim=-1), tokens)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
