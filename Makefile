@@ -1,4 +1,5 @@
-# EFT Serve. `make test` sets everything up in .venv and runs the test suite.
+# EFT Serve. `make run` sets up .venv, builds the demo family and shows EFT on it;
+# `make test` sets up .venv and runs the test suite.
 #
 # Variables (override on the command line, e.g. `make test TORCH=torch==2.5.1+cu124`):
 #   PYTHON       interpreter that creates .venv (Python >= 3.11)
@@ -19,10 +20,14 @@ STUBS_STAMP := services/pb/.stamp
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .DEFAULT_GOAL := help
-.PHONY: help test install stubs constraints clean
+.PHONY: help run test install stubs constraints clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+run: install stubs  ## build the demo family (cached) and reproduce the EFT paper's results on it
+	$(BIN)/eft family build
+	$(BIN)/eft eval --json eval.json --plot eval.png
 
 test: install stubs  ## set up .venv (torch, the project, its test extra, gRPC stubs) and run pytest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -35,7 +40,7 @@ constraints: install  ## re-pin constraints.txt to what .venv resolved (torch le
 	$(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|eft-serve)==' > constraints.txt
 
 clean:  ## remove .venv, generated stubs and caches
-	rm -rf $(VENV) services/pb/*/ $(STUBS_STAMP) .pytest_cache .hypothesis *.egg-info build dist
+	rm -rf $(VENV) services/pb/*/ $(STUBS_STAMP) .pytest_cache .hypothesis *.egg-info build dist eval.json eval.png
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,60 @@
+"""The `eft` command, run as a user runs it: the installed console script, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EFT = str(Path(sys.executable).parent / "eft")
+
+
+def eft(*args: str, env_home: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="250", **({"EFT_HOME": str(env_home)} if env_home else {}))
+    return subprocess.run([EFT, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_help_explains_the_commands():
+    result = eft("--help")
+    assert result.returncode == 0 and "family" in result.stdout and "eval" in result.stdout
+    build_help = eft("family", "build", "--help").stdout
+    assert "--out" in build_help and "--seed" in build_help and "EFT_HOME" in build_help
+
+
+def test_default_family_folder_follows_eft_home(tmp_path):
+    assert str(tmp_path / "demo-family") in eft("family", "build", "--help", env_home=tmp_path).stdout
+
+
+def test_build_then_eval_writes_json_and_plot(tmp_path):
+    family = tmp_path / "family"
+    built = eft("family", "build", "--preset", "quick", "--out", str(family))
+    assert built.returncode == 0, built.stderr
+    assert (family / "family.json").is_file() and (family / "large-tuned" / "model.safetensors").is_file()
+    again = eft("family", "build", "--preset", "quick", "--out", str(family))
+    assert "up to date" in again.stdout
+
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "eval.png"
+    result = eft("eval", "--family", str(family), "--limit", "2", "--sample", "2", "--json", str(out_json), "--plot", str(out_png))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_json.read_text())
+    names = [row["name"] for row in data["rows"]]
+    assert names[:5] == ["small-tuned", "large-base", "large-tuned", "upscaled", "upscaled x1.5"]
+    assert any(name.endswith("(T=1)") for name in names)
+    assert all(set(row) == {"name", "format", "facts", "both", "n"} and row["n"] > 0 for row in data["rows"])
+    assert [p["lambda"] for p in data["mixing"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert 0.0 <= data["upscaled_small_tuned_mean_tv"] <= 1.0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "upscaled" in result.stdout and "mixed lambda=0.5" in result.stdout
+
+
+def test_missing_family_is_a_clear_error(tmp_path):
+    result = eft("eval", "--family", str(tmp_path / "none"))
+    assert result.returncode == 1 and "eft family build" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["eval", "--limit", "0"], ["eval", "--sample", "-1"], ["family", "build", "--preset", "huge"]])
+def test_bad_arguments_are_refused_before_any_work(args):
+    result = eft(*args)
+    assert result.returncode == 2 and "error" in result.stderr
