@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (EFTError, FileNotFoundError) as error:
+    except (EFTError, FileNotFoundError, FileExistsError) as error:
         print(f"eft: error: {error}", file=sys.stderr)
         return 1
 

@@ -64,12 +64,14 @@ def load_family(path: Path) -> Family:
     return Family(Path(path), json.loads(manifest_path.read_text()))
 
 
-def build_family(out: Path | None = None, recipe: Recipe = Recipe(), force: bool = False, log=print) -> Family:
+def build_family(out: Path | None = None, recipe: Recipe = Recipe(), force: bool = False, log=tqdm.write) -> Family:
     """Build (or reuse) the family for ``recipe`` in ``out``."""
     out = Path(out or default_family_dir())
     if not force and _is_current(out, recipe):
         log(f"family at {out} is up to date (recipe {recipe.digest()}): reusing it")
         return load_family(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out} exists and holds something other than a demo family: choose another --out")
     staging = out.with_name(f".{out.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -80,6 +80,13 @@ def test_world_file_round_trips(quick_family):
     assert json.loads((quick_family.path / "world.json").read_text())["refused_attribute"] == "animal"
 
 
+def test_never_replaces_a_folder_that_is_not_a_family(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="other than a demo family"):
+        build_family(tmp_path, quick_recipe(), log=lambda *_: None)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
 def test_missing_family_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="eft family build"):
         load_family(tmp_path / "nowhere")
