@@ -120,7 +120,7 @@ def mixing_sweep(engine, world, entities, attribute, params) -> list[MixingPoint
         weights = {"chat": mix, "safe": 1.0 - mix}
         scores = [_ask(engine, world, "mixed", weights, e, attribute, params) for e in _bar(entities, f"mixed lambda={mix}")]
         n = len(scores)
-        points.append(MixingPoint(mix, 100 * sum(s.format for s in scores) / n, 100 * sum(s.refused for s in scores) / n, n))
+        points.append(MixingPoint(mix, _percent(sum(s.format for s in scores), n), _percent(sum(s.refused for s in scores), n), n))
     return points
 
 
@@ -148,10 +148,14 @@ def _bar(items, label: str):
     return tqdm(items, desc=label, unit="q", leave=False)
 
 
+def _percent(count: int, n: int) -> float:
+    return round(100 * count / n, 1)
+
+
 def _row(name: str, scores: list[Score]) -> Row:
     n = len(scores)
-    pct = lambda count: round(100 * count / n, 1)  # noqa: E731
-    return Row(name, pct(sum(s.format for s in scores)), pct(sum(s.fact for s in scores)), pct(sum(s.format and s.fact for s in scores)), n)
+    counts = [sum(s.format for s in scores), sum(s.fact for s in scores), sum(s.format and s.fact for s in scores)]
+    return Row(name, *[_percent(c, n) for c in counts], n)
 
 
 def _fmt(row: Row) -> str:
