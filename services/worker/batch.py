@@ -1,0 +1,77 @@
+"""Stepping sessions of different lengths in one forward pass.
+
+Technique ("pad and stack"): each session keeps its own keys and values. For a call, the
+sessions' caches are left-padded to one length and stacked into one batch cache; new tokens
+are right-padded; a 2-D attention mask hides every padding column and explicit position ids
+keep each session's own positions (so rotary embeddings are unaffected by padding). After
+the call each session takes back exactly its real columns.
+
+Cost: one copy of the participating caches per call (not per decode step: a Draft call
+steps the same batch k times). Simple, exact, and independent of the model class; a
+slot-based persistent batch cache (vLLM's paged blocks) would avoid the copy.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+@dataclass
+class SessionKV:
+    """One session's cache for one model: per layer keys and values ``[1, heads, length, dim]``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def truncated(self, length: int) -> "SessionKV":
+        return SessionKV([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values])
+
+
+class PaddedBatch:
+    """Sessions stepped together; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, pasts: list[SessionKV | None]):
+        self.model = model
+        device = model.device
+        self.lengths = [kv.length if kv else 0 for kv in pasts]  # real tokens per row
+        longest = max(self.lengths)
+        self.cache = DynamicCache(config=model.config)
+        self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in self.lengths], dtype=torch.long, device=device)
+        if longest:
+            for layer in range(len(next(kv for kv in pasts if kv and kv.length).keys)):
+                keys = torch.cat([_left_pad(kv and kv.keys[layer], n, longest, pasts) for kv, n in zip(pasts, self.lengths)])
+                values = torch.cat([_left_pad(kv and kv.values[layer], n, longest, pasts) for kv, n in zip(pasts, self.lengths)])
+                self.cache.update(keys, values, layer)
+
+    @torch.inference_mode()
+    def step(self, tokens: list[list[int]]) -> torch.Tensor:  # [rows, longest new, padded vocab]
+        """Append each row's tokens (a row may append none) and return their logits."""
+        assert len(tokens) == len(self.lengths)
+        width = max(len(t) for t in tokens)
+        device = self.model.device
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=device)
+        new_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        positions = torch.tensor([[n + j for j in range(width)] for n in self.lengths], device=device)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True)
+        self.lengths = [n + len(t) for n, t in zip(self.lengths, tokens)]
+        return out.logits
+
+    def session_kv(self, row: int) -> SessionKV:
+        """The row's real keys and values, without padding columns."""
+        columns = self.mask[row].nonzero().flatten()
+        layers = self.cache.layers
+        return SessionKV([layer.keys[row : row + 1, :, columns] for layer in layers], [layer.values[row : row + 1, :, columns] for layer in layers])
+
+
+def _left_pad(tensor: torch.Tensor | None, length: int, longest: int, pasts) -> torch.Tensor:
+    if tensor is None:  # a new session: all padding, shaped like the others
+        like = next(kv for kv in pasts if kv and kv.length).keys[0]
+        return like.new_zeros(1, like.shape[1], longest, like.shape[3])
+    return F.pad(tensor, (0, 0, longest - length, 0))

@@ -1,0 +1,80 @@
+"""Conversion between the worker's Python values and eft.v1 messages, at the edge only."""
+
+import torch
+
+from eft_core import InvalidArgumentError, SamplingParams
+from services.pb.eft.v1 import worker_pb2
+from services.wire import from_wire, to_wire
+from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
+
+_WIRE_ENUM = {torch.float32: worker_pb2.DTYPE_FLOAT32, torch.bfloat16: worker_pb2.DTYPE_BFLOAT16, torch.float16: worker_pb2.DTYPE_FLOAT16}
+
+
+def dtype_enum(dtype: torch.dtype) -> int:
+    return _WIRE_ENUM[dtype]
+
+
+def extend_items_from_proto(request: worker_pb2.ExtendRequest) -> list[ExtendItem]:
+    return [ExtendItem(i.session_id, i.model, list(i.token_ids), i.num_logits) for i in request.items]
+
+
+def extend_request(items: list[ExtendItem], logits_dtype: torch.dtype) -> worker_pb2.ExtendRequest:
+    return worker_pb2.ExtendRequest(
+        items=[worker_pb2.ExtendItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_logits=i.num_logits) for i in items],
+        logits_dtype=dtype_enum(logits_dtype),
+    )
+
+
+def extend_response(results: list[Extended], logits_dtype: torch.dtype) -> worker_pb2.ExtendResponse:
+    return worker_pb2.ExtendResponse(logits=[to_wire(r.logits, logits_dtype) for r in results], cache_lengths=[r.cache_length for r in results])
+
+
+def extended_from_proto(response: worker_pb2.ExtendResponse) -> list[Extended]:
+    return [Extended(from_wire(t, f"logits[{i}]"), n) for i, (t, n) in enumerate(zip(response.logits, response.cache_lengths))]
+
+
+def draft_items_from_proto(request: worker_pb2.DraftRequest) -> list[DraftItem]:
+    return [DraftItem(i.session_id, i.model, list(i.token_ids), i.num_draft, _sampling(i.sampling, n)) for n, i in enumerate(request.items)]
+
+
+def draft_request(items: list[DraftItem], logits_dtype: torch.dtype) -> worker_pb2.DraftRequest:
+    def sampling(p: SamplingParams) -> worker_pb2.DraftSampling:
+        return worker_pb2.DraftSampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, has_seed=p.seed is not None, seed=p.seed or 0)
+
+    return worker_pb2.DraftRequest(
+        items=[worker_pb2.DraftItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_draft=i.num_draft, sampling=sampling(i.sampling)) for i in items],
+        logits_dtype=dtype_enum(logits_dtype),
+    )
+
+
+def draft_response(results: list[Drafted], logits_dtype: torch.dtype) -> worker_pb2.DraftResponse:
+    return worker_pb2.DraftResponse(
+        results=[worker_pb2.DraftResult(draft_tokens=r.draft_tokens, logits=to_wire(r.logits, logits_dtype), cache_length=r.cache_length) for r in results]
+    )
+
+
+def drafted_from_proto(response: worker_pb2.DraftResponse) -> list[Drafted]:
+    return [Drafted(list(r.draft_tokens), from_wire(r.logits, f"results[{i}].logits"), r.cache_length) for i, r in enumerate(response.results)]
+
+
+def info_response(info: WorkerInfo) -> worker_pb2.InfoResponse:
+    models = [worker_pb2.ModelInfo(**vars(m)) for m in info.models]
+    return worker_pb2.InfoResponse(models=models, max_sessions=info.max_sessions, max_cached_tokens=info.max_cached_tokens, sessions=info.sessions, cached_tokens=info.cached_tokens)
+
+
+def info_from_proto(response: worker_pb2.InfoResponse) -> WorkerInfo:
+    fields = ModelInfo.__dataclass_fields__
+    models = [ModelInfo(**{f: getattr(m, f) for f in fields}) for m in response.models]
+    return WorkerInfo(models, response.max_sessions, response.max_cached_tokens, response.sessions, response.cached_tokens)
+
+
+def _sampling(message: worker_pb2.DraftSampling, item: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=float(message.temperature),
+            top_k=int(message.top_k),
+            top_p=float(message.top_p) if message.top_p != 0 else 1.0,
+            seed=int(message.seed) if message.has_seed else None,
+        )
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(error.message, field=f"items[{item}].sampling.{error.field}") from None

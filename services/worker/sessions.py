@@ -1,0 +1,55 @@
+"""KV caches per (session, model) under a budget: a number of caches and of cached tokens."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from eft_core import NotFoundError, ResourceExhaustedError
+from services.worker.batch import SessionKV
+
+
+@dataclass
+class Session:
+    tokens: list[int] = field(default_factory=list)  # what the cache holds
+    kv: SessionKV | None = None
+    generator: torch.Generator | None = None  # drafting RNG of a seeded session
+
+
+class SessionStore:
+    def __init__(self, max_sessions: int, max_cached_tokens: int):
+        self.max_sessions, self.max_cached_tokens = max_sessions, max_cached_tokens
+        self._sessions: dict[tuple[str, str], Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self._sessions.values())
+
+    def get(self, session_id: str, model: str, field_name: str) -> Session:
+        session = self._sessions.get((session_id, model))
+        if session is None:
+            raise NotFoundError(f"no session {session_id!r} for model {model!r}", field=field_name)
+        return session
+
+    def peek(self, session_id: str, model: str) -> Session | None:
+        return self._sessions.get((session_id, model))
+
+    def reserve(self, new_sessions: int, new_tokens: int) -> None:
+        """Refuse, before any work, a call that would go over the budget."""
+        if len(self) + new_sessions > self.max_sessions:
+            raise ResourceExhaustedError(f"{len(self)} sessions held, {new_sessions} more asked, budget {self.max_sessions}", field="items")
+        if self.cached_tokens + new_tokens > self.max_cached_tokens:
+            raise ResourceExhaustedError(
+                f"{self.cached_tokens} tokens cached, {new_tokens} more asked, budget {self.max_cached_tokens}", field="items"
+            )
+
+    def put(self, session_id: str, model: str, session: Session) -> None:
+        self._sessions[session_id, model] = session
+
+    def release(self, session_ids: list[str]) -> int:
+        doomed = [key for key in self._sessions if key[0] in set(session_ids)]
+        for key in doomed:
+            del self._sessions[key]
+        return len(doomed)

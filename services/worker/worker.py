@@ -1,0 +1,194 @@
+"""ModelWorker: hosted causal LMs and their sessions. Each call is validated whole before any
+cache changes, so a bad or over-budget call leaves every session as it was."""
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eft_core import NotFoundError, ResourceExhaustedError, SamplingBatch, UnavailableError
+from eft_core.errors import require
+from eft_core.sampling import sample_from_probs, sampling_probs, seeded_generator
+from services.prompts import tokenizer_fingerprint
+from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
+from services.worker.batch import PaddedBatch
+from services.worker.sessions import Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostedModel:
+    name: str
+    model: torch.nn.Module
+    fingerprint: str
+    tokenizer_size: int
+    tensor_parallel_size: int = 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+
+def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> HostedModel:
+    """``from_pretrained`` on a local folder or a hub id; an unreachable hub says so."""
+    started = time.perf_counter()
+    log.info("loading model %r from %s (%s, %s)", name, source, dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype).to(device).eval()
+    except OSError as error:
+        if Path(source).exists():
+            raise
+        raise UnavailableError(
+            f"model {name!r}: {source!r} is not a local folder, and loading it from the Hugging Face hub failed "
+            f"(no network or no such model?): {error}",
+            field=f"models[{name!r}].path",
+        ) from error
+    log.info("loaded %r: %.1fM parameters in %.1f s", name, sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - started)
+    return HostedModel(name, model, tokenizer_fingerprint(tokenizer), len(tokenizer))
+
+
+class ModelWorker:
+    def __init__(self, models: list[HostedModel], max_sessions: int = 256, max_cached_tokens: int = 1 << 20):
+        self.models = {m.name: m for m in models}
+        self.store = SessionStore(max_sessions, max_cached_tokens)
+        self.lock = threading.Lock()  # one call at a time: caches are shared state
+
+    def info(self) -> WorkerInfo:
+        models = [
+            ModelInfo(m.name, m.fingerprint, m.vocab_size, m.tokenizer_size, str(m.model.dtype).removeprefix("torch."), str(m.model.device), m.max_sequence_length, m.tensor_parallel_size)
+            for m in self.models.values()
+        ]
+        with self.lock:
+            return WorkerInfo(models, self.store.max_sessions, self.store.max_cached_tokens, len(self.store), self.store.cached_tokens)
+
+    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended]:
+        """Append tokens per session and return logits of the last ``num_logits`` positions."""
+        with self.lock:
+            self._validate(items, extra_tokens=[0] * len(items))
+            for i, item in enumerate(items):
+                require(0 <= item.num_logits <= len(item.token_ids), f"items[{i}].num_logits", f"must be in [0, {len(item.token_ids)}], got {item.num_logits}")
+            results = {}
+            for model, rows in self._by_model(items).items():
+                batch, sessions = self._batch(model, [items[i] for i in rows])
+                logits = batch.step([items[i].token_ids for i in rows])
+                for row, i in enumerate(rows):
+                    n, count = max(1, items[i].num_logits), len(items[i].token_ids)
+                    results[i] = self._wire(logits[row, count - n : count], model, logits_dtype)
+                self._commit(model, [items[i] for i in rows], batch, sessions)
+            return [Extended(results[i], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+
+    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted]:
+        """Append tokens, then sample ``num_draft`` tokens per session in one batched loop."""
+        with self.lock:
+            for i, item in enumerate(items):
+                require(isinstance(item.num_draft, int) and item.num_draft >= 1, f"items[{i}].num_draft", f"must be >= 1, got {item.num_draft}")
+            self._validate(items, extra_tokens=[item.num_draft - 1 for item in items])
+            results = {}
+            for model, rows in self._by_model(items).items():
+                chosen = [items[i] for i in rows]
+                batch, sessions = self._batch(model, chosen)
+                for i, drafted in zip(rows, self._draft_loop(model, chosen, batch, sessions, logits_dtype)):
+                    results[i] = drafted
+                self._commit(model, chosen, batch, sessions, drafts={it.session_id: results[i][0] for i, it in zip(rows, chosen)})
+            return [Drafted(results[i][0], results[i][1], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+
+    def truncate(self, session_id: str, model: str, length: int) -> int:
+        with self.lock:
+            self._model(model, "model")
+            session = self.store.get(session_id, model, "session_id")
+            require(isinstance(length, int) and 0 <= length <= len(session.tokens), "length", f"must be in [0, {len(session.tokens)}], got {length}")
+            session.tokens = session.tokens[:length]
+            session.kv = session.kv.truncated(length) if session.kv else None
+            return length
+
+    def release(self, session_ids: list[str]) -> int:
+        with self.lock:
+            return self.store.release(list(session_ids))
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _validate(self, items, extra_tokens: list[int]) -> None:
+        require(len(items) > 0, "items", "must hold at least one item")
+        seen, new_sessions, new_tokens = set(), 0, 0
+        for i, (item, extra) in enumerate(zip(items, extra_tokens)):
+            hosted = self._model(item.model, f"items[{i}].model")
+            require(isinstance(item.session_id, str) and item.session_id != "", f"items[{i}].session_id", "must be a non-empty string")
+            require((item.session_id, item.model) not in seen, f"items[{i}]", f"session {item.session_id!r} appears twice for model {item.model!r}")
+            seen.add((item.session_id, item.model))
+            require(len(item.token_ids) > 0, f"items[{i}].token_ids", "must hold at least one token")
+            bad = [t for t in item.token_ids if not 0 <= t < hosted.tokenizer_size]
+            require(not bad, f"items[{i}].token_ids", f"ids {bad[:5]} outside the vocabulary [0, {hosted.tokenizer_size})")
+            session = self.store.peek(item.session_id, item.model)
+            length = (len(session.tokens) if session else 0) + len(item.token_ids) + extra
+            if length > hosted.max_sequence_length:
+                raise ResourceExhaustedError(f"session would hold {length} tokens, over the model's {hosted.max_sequence_length}", field=f"items[{i}].token_ids")
+            new_sessions += session is None
+            new_tokens += len(item.token_ids) + extra
+        self.store.reserve(new_sessions, new_tokens)
+
+    def _model(self, name: str, field_name: str) -> HostedModel:
+        if name not in self.models:
+            raise NotFoundError(f"no model {name!r} on this worker (hosted: {sorted(self.models)})", field=field_name)
+        return self.models[name]
+
+    @staticmethod
+    def _by_model(items) -> dict[str, list[int]]:
+        rows = defaultdict(list)
+        for i, item in enumerate(items):
+            rows[item.model].append(i)
+        return rows
+
+    def _batch(self, model: str, items) -> tuple[PaddedBatch, list[Session]]:
+        sessions = [self.store.peek(it.session_id, model) or Session() for it in items]
+        return PaddedBatch(self.models[model].model, [s.kv for s in sessions]), sessions
+
+    def _commit(self, model: str, items, batch: PaddedBatch, sessions: list[Session], drafts: dict | None = None) -> None:
+        for row, (item, session) in enumerate(zip(items, sessions)):
+            drafted = (drafts or {}).get(item.session_id, [])[:-1]  # the last draft was never fed
+            session.tokens = session.tokens + list(item.token_ids) + drafted
+            session.kv = batch.session_kv(row)
+            assert session.kv.length == len(session.tokens), (session.kv.length, len(session.tokens))
+            self.store.put(item.session_id, model, session)
+
+    def _draft_loop(self, model: str, items: list[DraftItem], batch: PaddedBatch, sessions: list[Session], logits_dtype) -> list[tuple[list[int], torch.Tensor]]:
+        """Feed each row its new tokens, then sample and feed drafts until every row has its k.
+        Only rows still drafting draw random numbers, so a seeded row ignores its batch-mates."""
+        generators = {row: g for row, (item, session) in enumerate(zip(items, sessions)) if (g := self._generator(item, session))}
+        sampling = SamplingBatch.from_params([item.sampling for item in items], generators)
+        logits = batch.step([item.token_ids for item in items])
+        step_logits = logits[torch.arange(len(items)), torch.tensor([len(item.token_ids) - 1 for item in items])]
+        tokens, kept = [[] for _ in items], [[] for _ in items]
+        for step in range(max(item.num_draft for item in items)):
+            active = [row for row, item in enumerate(items) if step < item.num_draft]
+            wire = self._wire(step_logits[active], model, logits_dtype)
+            chosen = sampling.rows_of(active)
+            drawn = sample_from_probs(sampling_probs(torch.log_softmax(wire.float(), dim=-1), chosen), chosen.generators)
+            for position, row in enumerate(active):
+                tokens[row].append(int(drawn[position]))
+                kept[row].append(wire[position])
+            feed = [[tokens[row][-1]] if step + 1 < item.num_draft else [] for row, item in enumerate(items)]
+            if not any(feed):
+                break
+            step_logits = batch.step(feed)[:, 0]
+        return [(t, torch.stack(k)) for t, k in zip(tokens, kept)]
+
+    def _generator(self, item: DraftItem, session: Session) -> torch.Generator | None:
+        if session.generator is None and item.sampling.seed is not None:
+            session.generator = seeded_generator(item.sampling.seed)
+        return session.generator
+
+    def _wire(self, logits: torch.Tensor, model: str, dtype: torch.dtype) -> torch.Tensor:
+        """Logits as they travel: the real vocabulary only, in the wire dtype, on the CPU."""
+        return logits[..., : self.models[model].tokenizer_size].to("cpu", dtype)
+

@@ -1,0 +1,93 @@
+"""The worker's gRPC surface: health, reflection, limits, and the process entry point."""
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
+from eft_core import ResourceExhaustedError
+from services.worker.api import ExtendItem
+from services.worker.client import GrpcWorkerClient
+from services.worker.server import SERVICE_NAME, create_server
+
+
+@pytest.fixture
+def address(worker):
+    server, port = create_server(worker, "127.0.0.1:0")
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def test_health_reports_serving_and_reflection_lists_the_service(address):
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert SERVICE_NAME == "eft.v1.ModelWorker"
+        assert SERVICE_NAME in {s.name for s in reply.list_services_response.service}
+
+
+def test_info_describes_the_hosted_models(address, hosted):
+    info = GrpcWorkerClient(address).info()
+    by_name = {m.name: m for m in info.models}
+    assert by_name["large"].vocab_size == hosted[0].vocab_size > by_name["large"].tokenizer_size
+    assert by_name["large"].tokenizer_fingerprint == by_name["small"].tokenizer_fingerprint
+    assert (by_name["large"].dtype, by_name["large"].device, by_name["large"].tensor_parallel_size) == ("float32", "cpu", 1)
+    assert (info.max_sessions, info.max_cached_tokens, info.sessions) == (16, 400, 0)
+
+
+def test_raw_bad_requests_get_precise_statuses(address):
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.ModelWorkerStub(channel)
+        cases = [
+            (stub.Extend, worker_pb2.ExtendRequest(items=[worker_pb2.ExtendItem(session_id="s", model="large", token_ids=[1])], logits_dtype=42), grpc.StatusCode.INVALID_ARGUMENT, "logits_dtype"),
+            (stub.Draft, worker_pb2.DraftRequest(items=[worker_pb2.DraftItem(session_id="s", model="large", token_ids=[1], num_draft=2, sampling=worker_pb2.DraftSampling(top_p=1.5))]), grpc.StatusCode.INVALID_ARGUMENT, "items[0].sampling.top_p"),
+            (stub.Draft, worker_pb2.DraftRequest(items=[worker_pb2.DraftItem(session_id="s", model="ghost", token_ids=[1], num_draft=2)]), grpc.StatusCode.NOT_FOUND, "items[0].model"),
+            (stub.Truncate, worker_pb2.TruncateRequest(session_id="nobody", model="large", length=0), grpc.StatusCode.NOT_FOUND, "session_id"),
+        ]
+        for method, request, code, field in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                method(request, timeout=10)
+            assert error.value.code() == code and field in error.value.details(), error.value.details()
+        assert stub.Info(worker_pb2.InfoRequest(), timeout=10).sessions == 0
+
+
+def test_a_message_limit_sized_for_the_logits(worker):
+    server, port = create_server(worker, "127.0.0.1:0", max_message_bytes=1000)
+    try:
+        client = GrpcWorkerClient(f"127.0.0.1:{port}", max_message_bytes=1000)
+        with pytest.raises(ResourceExhaustedError, match="RESOURCE_EXHAUSTED"):  # 20 x 58 float32 logits > 1000 bytes
+            client.extend([ExtendItem("s", "large", list(range(1, 21)), num_logits=20)])
+    finally:
+        server.stop(grace=None)
+
+
+def run_worker_process(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "services.worker.server", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def test_the_worker_process_serves_a_model_folder(quick_family):
+    process = run_worker_process("--model", f"large={quick_family.model_path('large-base')}")
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("model worker listening on 127.0.0.1:"), line + process.stderr.read()
+        client = GrpcWorkerClient(line.split()[-1])
+        assert [m.name for m in client.info().models] == ["large"]
+        assert client.extend([ExtendItem("p", "large", [1, 2, 3])])[0].logits.shape == (1, quick_family.manifest["vocab_size"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_an_unreachable_hub_id_is_a_clear_error():
+    process = run_worker_process("--model", "x=some-org/not-a-model", env={"HF_HUB_OFFLINE": "1"})
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "not a local folder" in stderr and "Hugging Face hub" in stderr and "Traceback" not in stderr

@@ -1,0 +1,169 @@
+"""The worker's verbs, through both transports (a real gRPC server on 127.0.0.1:0, and in process)."""
+
+import pytest
+import torch
+
+from eft_core import InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
+from services.worker.api import DraftItem, ExtendItem
+
+def sequences(vocab: int, lengths=(5, 11, 2, 8), seed=0) -> dict[str, list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return {f"s{i}": torch.randint(3, vocab, (n,), generator=generator).tolist() for i, n in enumerate(lengths)}
+
+
+def full_logits(hosted_model, tokens: list[int]) -> torch.Tensor:  # [len, tokenizer_size]
+    with torch.no_grad():
+        return hosted_model.model(input_ids=torch.tensor([tokens])).logits[0, :, : hosted_model.tokenizer_size]
+
+
+def large(hosted):
+    return hosted[0]
+
+
+# --- KV correctness --------------------------------------------------------------------------
+
+
+def test_extend_in_pieces_equals_one_full_forward(client, hosted):
+    seqs = sequences(large(hosted).tokenizer_size)
+    cuts = {name: [tokens[:3], tokens[3:4], tokens[4:]] for name, tokens in seqs.items()}  # ragged pieces
+    got = {name: [] for name in seqs}
+    for piece in range(3):
+        items = [ExtendItem(name, "large", parts[piece], num_logits=len(parts[piece])) for name, parts in cuts.items() if parts[piece]]
+        for item, result in zip(items, client.extend(items)):
+            got[item.session_id].append(result.logits)
+            assert result.cache_length == sum(len(p) for p in cuts[item.session_id][: piece + 1])
+    for name, tokens in seqs.items():
+        torch.testing.assert_close(torch.cat(got[name]), full_logits(large(hosted), tokens), rtol=0, atol=1e-5)
+
+
+def test_truncate_then_extend_equals_recomputation(client, hosted):
+    seqs = sequences(large(hosted).tokenizer_size, lengths=(9, 6))
+    client.extend([ExtendItem(name, "large", tokens) for name, tokens in seqs.items()])
+    assert client.truncate("s0", "large", 4) == 4
+    tail = [7, 8, 9]
+    result = client.extend([ExtendItem("s0", "large", tail, num_logits=3), ExtendItem("s1", "large", [5])])
+    torch.testing.assert_close(result[0].logits, full_logits(large(hosted), seqs["s0"][:4] + tail)[-3:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(result[1].logits, full_logits(large(hosted), seqs["s1"] + [5])[-1:], rtol=0, atol=1e-5)
+    assert result[0].cache_length == 7
+
+
+def test_logits_drop_padding_rows_and_honour_the_wire_dtype(client, hosted):
+    model = large(hosted)
+    assert model.vocab_size > model.tokenizer_size  # the family pads the large vocabulary
+    result = client.extend([ExtendItem("a", "large", [1, 2, 3], num_logits=2)], logits_dtype=torch.bfloat16)[0]
+    assert result.logits.shape == (2, model.tokenizer_size) and result.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(result.logits.float(), full_logits(model, [1, 2, 3])[-2:].bfloat16().float())
+
+
+def test_models_of_one_call_are_batched_separately(client, hosted):
+    items = [ExtendItem("x", "large", [1, 4, 6]), ExtendItem("x", "small", [1, 4, 6, 9])]
+    large_result, small_result = client.extend(items)
+    torch.testing.assert_close(small_result.logits[0], full_logits(hosted[1], [1, 4, 6, 9])[-1], rtol=0, atol=1e-5)
+    assert (large_result.cache_length, small_result.cache_length) == (3, 4)
+
+
+# --- drafting --------------------------------------------------------------------------------
+
+
+def test_greedy_draft_equals_hf_greedy_continuation(client, hosted):
+    model = large(hosted)
+    seqs = sequences(model.tokenizer_size, lengths=(4, 9, 6))
+    ks = {"s0": 5, "s1": 2, "s2": 1}
+    items = [DraftItem(name, "large", tokens, ks[name], SamplingParams(temperature=0)) for name, tokens in seqs.items()]
+    for item, result in zip(items, client.draft(items)):
+        with torch.no_grad():
+            out = model.model.generate(torch.tensor([item.token_ids]), max_new_tokens=item.num_draft, min_new_tokens=item.num_draft, do_sample=False)
+        assert result.draft_tokens == out[0, len(item.token_ids) :].tolist()
+        assert result.cache_length == len(item.token_ids) + item.num_draft - 1  # the last draft is not fed yet
+        expected = full_logits(model, item.token_ids + result.draft_tokens[:-1])[-item.num_draft :]
+        torch.testing.assert_close(result.logits, expected, rtol=0, atol=1e-5)
+
+
+def test_seeded_draft_is_reproducible_and_ignores_batch_mates(client, worker, hosted):
+    tokens = sequences(large(hosted).tokenizer_size)["s1"]
+    mine = SamplingParams(temperature=1.0, seed=99)
+
+    def draft(session, others):
+        items = [DraftItem(session, "large", tokens, 6, mine)] + [DraftItem(f"{session}-{j}", "large", [3, 4], k, SamplingParams()) for j, k in enumerate(others)]
+        return client.draft(items)[0].draft_tokens
+
+    alone, crowded, again = draft("a", []), draft("b", [3, 7, 1]), draft("c", [8])
+    assert alone == crowded == again
+    different = client.draft([DraftItem("d", "large", tokens, 6, SamplingParams(temperature=1.0, seed=100))])[0].draft_tokens
+    assert different != alone
+
+
+def test_draft_continues_its_own_generator_across_calls(client, hosted):
+    params = SamplingParams(temperature=1.0, seed=5)
+    first = client.draft([DraftItem("g", "large", [1, 2, 3], 3, params)])[0]
+    second = client.draft([DraftItem("g", "large", [first.draft_tokens[-1]], 3, params)])[0]
+    replay_first = client.draft([DraftItem("h", "large", [1, 2, 3], 3, params)])[0]
+    replay_second = client.draft([DraftItem("h", "large", [replay_first.draft_tokens[-1]], 3, params)])[0]
+    assert (first.draft_tokens, second.draft_tokens) == (replay_first.draft_tokens, replay_second.draft_tokens)
+
+
+# --- budget and release ----------------------------------------------------------------------
+
+
+def test_release_frees_every_cache_of_a_session(client):
+    client.extend([ExtendItem("r", "large", [1, 2, 3]), ExtendItem("r", "small", [1, 2]), ExtendItem("keep", "large", [4])])
+    assert (client.info().sessions, client.info().cached_tokens) == (3, 6)
+    assert client.release(["r", "unknown"]) == 2
+    assert (client.info().sessions, client.info().cached_tokens) == (1, 1)
+    assert client.release(["keep"]) == 1
+    assert (client.info().sessions, client.info().cached_tokens) == (0, 0)
+
+
+def test_over_budget_is_resource_exhausted_and_harms_nobody(client, hosted):
+    tokens = [3 + i % 50 for i in range(60)]
+    first = client.extend([ExtendItem("a", "large", tokens[:40])])[0]  # budget: 400 tokens, 16 sessions
+    with pytest.raises(ResourceExhaustedError, match="budget 400"):
+        client.extend([ExtendItem(f"b{i}", "large", tokens[:60 - 3]) for i in range(7)] + [ExtendItem("a", "large", [5])])
+    info = client.info()
+    assert (info.sessions, info.cached_tokens) == (1, 40)  # nothing from the refused call stayed
+    with pytest.raises(ResourceExhaustedError, match="sessions held"):
+        client.extend([ExtendItem(f"c{i}", "small", [3]) for i in range(16)])
+    after = client.extend([ExtendItem("a", "large", [5])])[0]
+    torch.testing.assert_close(after.logits, full_logits(large(hosted), tokens[:40] + [5])[-1:], rtol=0, atol=1e-5)
+    assert first.cache_length == 40
+
+
+def test_longer_than_the_model_is_resource_exhausted(client, hosted):
+    limit = large(hosted).max_sequence_length
+    with pytest.raises(ResourceExhaustedError, match=f"over the model's {limit}"):
+        client.extend([ExtendItem("long", "large", [3] * (limit + 1))])
+
+
+# --- bad requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "items, error, field",
+    [
+        ([ExtendItem("s", "nope", [1])], NotFoundError, "items[0].model"),
+        ([ExtendItem("s", "large", [])], InvalidArgumentError, "items[0].token_ids"),
+        ([ExtendItem("s", "large", [1, 10_000])], InvalidArgumentError, "items[0].token_ids"),
+        ([ExtendItem("s", "large", [1, -1])], InvalidArgumentError, "items[0].token_ids"),
+        ([ExtendItem("s", "large", [1, 2], num_logits=3)], InvalidArgumentError, "items[0].num_logits"),
+        ([ExtendItem("s", "large", [1]), ExtendItem("s", "large", [2])], InvalidArgumentError, "items[1]"),
+        ([ExtendItem("", "large", [1])], InvalidArgumentError, "items[0].session_id"),
+        ([], InvalidArgumentError, "items"),
+    ],
+)
+def test_bad_extend_requests_map_to_their_status_and_the_worker_keeps_serving(client, items, error, field):
+    with pytest.raises(error) as raised:
+        client.extend(items)
+    assert field in str(raised.value)
+    assert client.extend([ExtendItem("fine", "large", [1, 2])])[0].cache_length == 2
+    assert client.info().sessions == 1
+
+
+def test_bad_truncate_and_draft_requests(client):
+    with pytest.raises(NotFoundError, match="no session 'ghost'"):
+        client.truncate("ghost", "large", 0)
+    client.extend([ExtendItem("t", "large", [1, 2, 3])])
+    with pytest.raises(InvalidArgumentError, match=r"length: must be in \[0, 3\]"):
+        client.truncate("t", "large", 4)
+    with pytest.raises(InvalidArgumentError, match="num_draft"):
+        client.draft([DraftItem("t", "large", [4], 0)])
+    assert client.info().cached_tokens == 3
