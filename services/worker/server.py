@@ -1,10 +1,17 @@
 """The ModelWorker gRPC service: a thin servicer, the server factory, and a process entry.
 
-    python -m services.worker.server --model large-base=/path/to/large-base --port 50051
+    python -m services.worker.server --model large-base=/path/to/large-base --address 127.0.0.1:50051
+    python -m services.worker.server --model large-base=/path/to/large-base --tp 2   # two ranks, AutoTP
+
+With ``--tp N`` this process is rank 0 and starts ranks 1..N-1 as child processes of the same
+command; rank 0 serves gRPC, the others follow it (services/worker/tensor_parallel.py).
 """
 
 import argparse
 import logging
+import signal
+import socket
+import subprocess
 import sys
 from concurrent import futures
 
@@ -75,22 +82,75 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to bind; port 0 picks a free one (default: %(default)s)")
     parser.add_argument("--max-sessions", type=int, default=256, help="(session, model) caches held at once (default: %(default)s)")
     parser.add_argument("--max-cached-tokens", type=int, default=1 << 20, help="tokens held over all caches (default: %(default)s)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for the (single) model, one process each (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by rank 0 for its followers
+    parser.add_argument("--master-port", type=int, default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = []
-    for spec in args.model:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            parser.error(f"--model must be NAME=PATH, got {spec!r}")
-        try:
-            models.append(load_hosted_model(name, path, DTYPE_NAMES[args.dtype], args.device))
-        except EFTError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-    server, port = create_server(ModelWorker(models, args.max_sessions, args.max_cached_tokens), args.address)
-    print(f"model worker listening on {args.address.rsplit(':', 1)[0]}:{port}", flush=True)
-    server.wait_for_termination()
+    specs = [_model_spec(parser, spec) for spec in args.model]
+    if args.tp < 1 or (args.tp > 1 and len(specs) != 1):
+        parser.error("--tp must be >= 1, and a tensor-parallel worker hosts exactly one model")
+    try:
+        if args.tp > 1:
+            return _serve_tensor_parallel(args, argv, *specs[0])
+        models = [load_hosted_model(name, path, DTYPE_NAMES[args.dtype], args.device) for name, path in specs]
+    except EFTError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _serve(ModelWorker(models, args.max_sessions, args.max_cached_tokens), args.address)
     return 0
+
+
+def _model_spec(parser, spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        parser.error(f"--model must be NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def _serve(worker: ModelWorker, address: str, on_stop=lambda: None) -> None:
+    server, port = create_server(worker, address)
+
+    def stop(signum, frame):
+        on_stop()
+        server.stop(grace=None)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    print(f"model worker listening on {address.rsplit(':', 1)[0]}:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def _serve_tensor_parallel(args, argv: list[str], name: str, path: str) -> int:
+    from services.worker.tensor_parallel import TensorParallelWorker, follow, init_rank, load_tensor_parallel_model
+
+    followers = []
+    if args.rank is None:  # rank 0 starts the others
+        args.rank, args.master_port = 0, _free_port()
+        command = [sys.executable, "-m", "services.worker.server", *argv, "--master-port", str(args.master_port)]
+        followers = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.DEVNULL) for rank in range(1, args.tp)]
+    device = init_rank(args.rank, args.tp, args.master_port, args.device)
+    hosted = load_tensor_parallel_model(name, path, args.tp, DTYPE_NAMES[args.dtype], device)
+    if args.rank > 0:
+        follow(ModelWorker([hosted], args.max_sessions, args.max_cached_tokens))
+        return 0
+    worker = TensorParallelWorker([hosted], args.max_sessions, args.max_cached_tokens)
+    try:
+        _serve(worker, args.address, on_stop=worker.stop_followers)
+    finally:
+        for follower in followers:
+            try:
+                follower.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -75,46 +75,62 @@ class ModelWorker:
     def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended]:
         """Append tokens per session and return logits of the last ``num_logits`` positions."""
         with self.lock:
-            self._validate(items, extra_tokens=[0] * len(items))
-            for i, item in enumerate(items):
-                require(0 <= item.num_logits <= len(item.token_ids), f"items[{i}].num_logits", f"must be in [0, {len(item.token_ids)}], got {item.num_logits}")
-            results = {}
-            for model, rows in self._by_model(items).items():
-                batch, sessions = self._batch(model, [items[i] for i in rows])
-                logits = batch.step([items[i].token_ids for i in rows])
-                for row, i in enumerate(rows):
-                    n, count = max(1, items[i].num_logits), len(items[i].token_ids)
-                    results[i] = self._wire(logits[row, count - n : count], model, logits_dtype)
-                self._commit(model, [items[i] for i in rows], batch, sessions)
-            return [Extended(results[i], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+            return self._extend(items, logits_dtype)
 
     def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted]:
         """Append tokens, then sample ``num_draft`` tokens per session in one batched loop."""
         with self.lock:
-            for i, item in enumerate(items):
-                require(isinstance(item.num_draft, int) and item.num_draft >= 1, f"items[{i}].num_draft", f"must be >= 1, got {item.num_draft}")
-            self._validate(items, extra_tokens=[item.num_draft - 1 for item in items])
-            results = {}
-            for model, rows in self._by_model(items).items():
-                chosen = [items[i] for i in rows]
-                batch, sessions = self._batch(model, chosen)
-                for i, drafted in zip(rows, self._draft_loop(model, chosen, batch, sessions, logits_dtype)):
-                    results[i] = drafted
-                self._commit(model, chosen, batch, sessions, drafts={it.session_id: results[i][0] for i, it in zip(rows, chosen)})
-            return [Drafted(results[i][0], results[i][1], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+            return self._draft(items, logits_dtype)
 
     def truncate(self, session_id: str, model: str, length: int) -> int:
+        """Keep the first ``length`` tokens of a session's cache."""
         with self.lock:
-            self._model(model, "model")
-            session = self.store.get(session_id, model, "session_id")
-            require(isinstance(length, int) and 0 <= length <= len(session.tokens), "length", f"must be in [0, {len(session.tokens)}], got {length}")
-            session.tokens = session.tokens[:length]
-            session.kv = session.kv.truncated(length) if session.kv else None
-            return length
+            return self._truncate(session_id, model, length)
 
     def release(self, session_ids: list[str]) -> int:
+        """Free every cache of these sessions; returns how many (session, model) caches went."""
         with self.lock:
-            return self.store.release(list(session_ids))
+            return self._release(list(session_ids))
+
+    # --- the verbs, without the lock (a tensor-parallel follower calls these) -------------
+
+    def _extend(self, items: list[ExtendItem], logits_dtype: torch.dtype) -> list[Extended]:
+        self._validate(items, extra_tokens=[0] * len(items))
+        for i, item in enumerate(items):
+            require(0 <= item.num_logits <= len(item.token_ids), f"items[{i}].num_logits", f"must be in [0, {len(item.token_ids)}], got {item.num_logits}")
+        results = {}
+        for model, rows in self._by_model(items).items():
+            batch, sessions = self._batch(model, [items[i] for i in rows])
+            logits = batch.step([items[i].token_ids for i in rows])
+            for row, i in enumerate(rows):
+                n, count = max(1, items[i].num_logits), len(items[i].token_ids)
+                results[i] = self._wire(logits[row, count - n : count], model, logits_dtype)
+            self._commit(model, [items[i] for i in rows], batch, sessions)
+        return [Extended(results[i], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+
+    def _draft(self, items: list[DraftItem], logits_dtype: torch.dtype) -> list[Drafted]:
+        for i, item in enumerate(items):
+            require(isinstance(item.num_draft, int) and item.num_draft >= 1, f"items[{i}].num_draft", f"must be >= 1, got {item.num_draft}")
+        self._validate(items, extra_tokens=[item.num_draft - 1 for item in items])
+        results = {}
+        for model, rows in self._by_model(items).items():
+            chosen = [items[i] for i in rows]
+            batch, sessions = self._batch(model, chosen)
+            for i, drafted in zip(rows, self._draft_loop(model, chosen, batch, sessions, logits_dtype)):
+                results[i] = drafted
+            self._commit(model, chosen, batch, sessions, drafts={it.session_id: results[i][0] for i, it in zip(rows, chosen)})
+        return [Drafted(results[i][0], results[i][1], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+
+    def _truncate(self, session_id: str, model: str, length: int) -> int:
+        self._model(model, "model")
+        session = self.store.get(session_id, model, "session_id")
+        require(isinstance(length, int) and 0 <= length <= len(session.tokens), "length", f"must be in [0, {len(session.tokens)}], got {length}")
+        session.tokens = session.tokens[:length]
+        session.kv = session.kv.truncated(length) if session.kv else None
+        return length
+
+    def _release(self, session_ids: list[str]) -> int:
+        return self.store.release(session_ids)
 
     # --- internals -----------------------------------------------------------------------
 

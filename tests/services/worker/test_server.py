@@ -1,8 +1,6 @@
 """The worker's gRPC surface: health, reflection, limits, and the process entry point."""
 
-import os
-import subprocess
-import sys
+import signal
 
 import grpc
 import pytest
@@ -14,6 +12,7 @@ from eft_core import ResourceExhaustedError
 from services.worker.api import ExtendItem
 from services.worker.client import GrpcWorkerClient
 from services.worker.server import SERVICE_NAME, create_server
+from tests.services.worker.processes import start_worker, wait_listening
 
 
 @pytest.fixture
@@ -69,25 +68,21 @@ def test_a_message_limit_sized_for_the_logits(worker):
         server.stop(grace=None)
 
 
-def run_worker_process(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.worker.server", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-
-
 def test_the_worker_process_serves_a_model_folder(quick_family):
-    process = run_worker_process("--model", f"large={quick_family.model_path('large-base')}")
+    process = start_worker("--model", f"large={quick_family.model_path('large-base')}")
     try:
-        line = process.stdout.readline()
-        assert line.startswith("model worker listening on 127.0.0.1:"), line + process.stderr.read()
-        client = GrpcWorkerClient(line.split()[-1])
+        client = GrpcWorkerClient(wait_listening(process, 120))
         assert [m.name for m in client.info().models] == ["large"]
         assert client.extend([ExtendItem("p", "large", [1, 2, 3])])[0].logits.shape == (1, quick_family.manifest["vocab_size"])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        if process.poll() is None:
+            process.kill()
 
 
 def test_an_unreachable_hub_id_is_a_clear_error():
-    process = run_worker_process("--model", "x=some-org/not-a-model", env={"HF_HUB_OFFLINE": "1"})
-    _, stderr = process.communicate(timeout=120)
+    process = start_worker("--model", "x=some-org/not-a-model", env={"HF_HUB_OFFLINE": "1"})
+    output, _ = process.communicate(timeout=120)
     assert process.returncode == 1
-    assert "not a local folder" in stderr and "Hugging Face hub" in stderr and "Traceback" not in stderr
+    assert "not a local folder" in output and "Hugging Face hub" in output and "Traceback" not in output

@@ -1,0 +1,79 @@
+"""Aggregate decode throughput of one model worker stepping 1, 4, 8, 16 sessions at once.
+
+Runs on the demo family's large model (built if missing), through a real gRPC server on
+127.0.0.1, and reports tokens/s per concurrency with the ratio to 1 session (measured in
+the same process, interleaved, so machine drift cancels), plus logits bytes on the wire
+per session-step.
+
+    python bench/worker_batching.py [--family DIR] [--steps N] [--model large-base]
+"""
+
+import argparse
+import json
+import statistics
+import time
+import uuid
+
+import torch
+
+from services.family.build import build_family, default_family_dir, load_family
+from services.worker.api import ExtendItem
+from services.worker.client import GrpcWorkerClient
+from services.worker.server import create_server
+from services.worker.worker import ModelWorker, load_hosted_model
+
+PROMPT_LENGTH = 12
+CONCURRENCY = (1, 4, 8, 16)
+
+
+def decode_rate(client: GrpcWorkerClient, model: str, sessions: int, steps: int) -> tuple[float, int]:
+    """Tokens/s over ``steps`` batched single-token Extend calls, and wire bytes per session-step."""
+    ids = [uuid.uuid4().hex for _ in range(sessions)]
+    client.extend([ExtendItem(i, model, list(range(3, 3 + PROMPT_LENGTH))) for i in ids])  # prefill, not timed
+    started = time.perf_counter()
+    bytes_per_step = 0
+    for step in range(steps):
+        results = client.extend([ExtendItem(i, model, [3 + (step % 40)]) for i in ids])
+        bytes_per_step = sum(r.logits.numel() * r.logits.element_size() for r in results) // sessions
+    elapsed = time.perf_counter() - started
+    client.release(ids)
+    return sessions * steps / elapsed, bytes_per_step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", type=str, default=str(default_family_dir()))
+    parser.add_argument("--model", default="large-base")
+    parser.add_argument("--steps", type=int, default=40, help="decode steps per measurement (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default: %(default)s)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    family = build_family(args.family) if args.family == str(default_family_dir()) else load_family(args.family)
+    worker = ModelWorker([load_hosted_model(args.model, family.model_path(args.model))], max_sessions=64)
+    server, port = create_server(worker, "127.0.0.1:0")
+    client = GrpcWorkerClient(f"127.0.0.1:{port}")
+    decode_rate(client, args.model, 4, 5)  # warm-up
+    rates = {n: [] for n in CONCURRENCY}
+    wire = {}
+    for _ in range(args.rounds):
+        for n in CONCURRENCY:
+            rate, wire[n] = decode_rate(client, args.model, n, args.steps)
+            rates[n].append(rate)
+    median = {n: statistics.median(r) for n, r in rates.items()}
+    print(f"{args.model}, torch threads {torch.get_num_threads()}, {args.steps} steps x {args.rounds} rounds")
+    print(f"{'sessions':>8} {'tokens/s':>10} {'vs 1':>6} {'wire bytes/session-step':>24}")
+    for n in CONCURRENCY:
+        print(f"{n:>8} {median[n]:>10.1f} {median[n] / median[1]:>5.2f}x {wire[n]:>24}")
+    if args.json:
+        rows = [{"name": f"worker_decode_tokens_per_s_c{n}", "value": median[n], "unit": "tokens/s"} for n in CONCURRENCY]
+        rows += [{"name": f"worker_batching_speedup_c{n}", "value": median[n] / median[1], "unit": "ratio"} for n in CONCURRENCY]
+        rows.append({"name": "worker_wire_bytes_per_session_step", "value": wire[1], "unit": "bytes"})
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=2)
+    client.close()
+    server.stop(grace=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""One model tensor-parallel over ``tp`` ranks with DeepSpeed AutoTP, one process per rank.
+
+Rank 0 hosts the ModelWorker that serves gRPC. Every call that runs the model is first
+broadcast to the other ranks (the serialized request message: bytes, never pickle), so all
+ranks enter the same forward passes, whose all-reduces DeepSpeed inserted. The other ranks
+run ``follow``: receive, execute on their own shard, repeat, until rank 0 says stop.
+
+On the CPU the ranks talk over gloo with DeepSpeed's shared-memory all-reduce, which needs
+LOCAL_SIZE equal to the world size in every rank (ENVIRONMENT.md); on GPUs, nccl.
+"""
+
+import logging
+import os
+import random
+from dataclasses import replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from eft_core import EFTError
+from services.pb.eft.v1 import worker_pb2
+from services.wire import wire_dtype
+from services.worker import convert
+from services.worker.api import DraftItem
+from services.worker.worker import HostedModel, ModelWorker, load_hosted_model
+
+log = logging.getLogger(__name__)
+
+STOP, EXTEND, DRAFT, TRUNCATE, RELEASE = range(5)
+IDLE_TIMEOUT = timedelta(days=7)
+_REQUESTS = {EXTEND: worker_pb2.ExtendRequest, DRAFT: worker_pb2.DraftRequest, TRUNCATE: worker_pb2.TruncateRequest, RELEASE: worker_pb2.ReleaseRequest}
+
+
+def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
+    """Join the process group as ``rank``; returns this rank's device."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_SIZE=str(world_size),  # DeepSpeed's CPU shared-memory all-reduce segfaults otherwise
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master_port),
+    )
+    import deepspeed
+
+    on_gpu = device.startswith("cuda")
+    if not on_gpu:
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    # Followers wait in a broadcast between requests: an idle server must not time out (the
+    # default is 10 minutes). A dead rank 0 is still noticed at once: its sockets close.
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=IDLE_TIMEOUT)
+    return f"cuda:{rank}" if on_gpu else "cpu"
+
+
+def load_tensor_parallel_model(name: str, source: str, tp: int, dtype: torch.dtype, device: str) -> HostedModel:
+    """Load on this rank, then shard with ``deepspeed.init_inference`` (AutoTP, no kernel injection)."""
+    import deepspeed
+
+    hosted = load_hosted_model(name, source, dtype, "cpu")
+    engine = deepspeed.init_inference(hosted.model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False)
+    hosted.model = engine.module.to(device).eval()
+    hosted.tensor_parallel_size = tp
+    return hosted
+
+
+class TensorParallelWorker(ModelWorker):
+    """Rank 0's worker: broadcasts each model-running call before running it itself."""
+
+    def extend(self, items, logits_dtype=torch.float32):
+        with self.lock:
+            _broadcast(EXTEND, convert.extend_request(items, logits_dtype))
+            return self._extend(items, logits_dtype)
+
+    def draft(self, items, logits_dtype=torch.float32):
+        items = [_with_seed(item) for item in items]  # every rank must draw the same drafts
+        with self.lock:
+            _broadcast(DRAFT, convert.draft_request(items, logits_dtype))
+            return self._draft(items, logits_dtype)
+
+    def truncate(self, session_id, model, length):
+        with self.lock:
+            _broadcast(TRUNCATE, worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length))
+            return self._truncate(session_id, model, length)
+
+    def release(self, session_ids):
+        with self.lock:
+            _broadcast(RELEASE, worker_pb2.ReleaseRequest(session_ids=list(session_ids)))
+            return self._release(list(session_ids))
+
+    def stop_followers(self) -> None:
+        with self.lock:
+            _broadcast(STOP, None)
+
+
+def follow(worker: ModelWorker) -> None:
+    """Ranks > 0: execute what rank 0 broadcasts until it says stop."""
+    while True:
+        opcode, request = _receive()
+        if opcode == STOP:
+            return
+        try:
+            if opcode == EXTEND:
+                worker._extend(convert.extend_items_from_proto(request), wire_dtype(request.logits_dtype))
+            elif opcode == DRAFT:
+                worker._draft(convert.draft_items_from_proto(request), wire_dtype(request.logits_dtype))
+            elif opcode == TRUNCATE:
+                worker._truncate(request.session_id, request.model, request.length)
+            elif opcode == RELEASE:
+                worker._release(list(request.session_ids))
+        except EFTError:
+            pass  # rank 0 refused the same call the same way and told its client
+
+
+def _broadcast(opcode: int, message) -> None:
+    payload = message.SerializeToString() if message is not None else b""
+    header = torch.tensor([opcode, len(payload)], dtype=torch.int64)
+    dist.broadcast(header, src=0)
+    if payload:
+        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0)
+
+
+def _receive():
+    header = torch.zeros(2, dtype=torch.int64)
+    dist.broadcast(header, src=0)
+    opcode, size = int(header[0]), int(header[1])
+    if opcode == STOP:
+        return STOP, None
+    payload = torch.empty(size, dtype=torch.uint8)
+    if size:
+        dist.broadcast(payload, src=0)
+    return opcode, _REQUESTS[opcode].FromString(payload.numpy().tobytes())
+
+
+def _with_seed(item: DraftItem) -> DraftItem:
+    if item.sampling.seed is not None:
+        return item
+    return replace(item, sampling=replace(item.sampling, seed=random.getrandbits(63)))
