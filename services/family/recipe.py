@@ -64,14 +64,16 @@ class Recipe:
 
 
 def quick_recipe(seed: int = 0) -> Recipe:
-    """A reduced family built in seconds by the same code: for tests of the machinery."""
+    """A reduced family built in seconds by the same code: for tests of the machinery. Trained
+    just enough that greedy answers are sentences and the small drafter disagrees with the
+    up-scaled model now and then (speculation gets rejections to roll back)."""
     return Recipe(
         seed=seed,
         entities=12,
         small=ModelShape(hidden=16, layers=1, heads=2, intermediate=32),
         large=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
-        small_pretrain=Schedule(epochs=3, lr=3e-3, warmup_steps=2),
-        large_pretrain=Schedule(epochs=3, lr=3e-3, warmup_steps=2),
-        chat_tune=Schedule(epochs=2, lr=1e-3, warmup_steps=1),
-        safe_tune=Schedule(epochs=2, lr=3e-3, warmup_steps=1),
+        small_pretrain=Schedule(epochs=30, lr=3e-3, warmup_steps=2),
+        large_pretrain=Schedule(epochs=30, lr=3e-3, warmup_steps=2),
+        chat_tune=Schedule(epochs=8, lr=3e-3, warmup_steps=1),
+        safe_tune=Schedule(epochs=8, lr=3e-3, warmup_steps=1),
     )

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from eft_core import InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
 from services.worker.api import DraftItem, ExtendItem
@@ -72,7 +73,8 @@ def test_greedy_draft_equals_hf_greedy_continuation(client, hosted):
     items = [DraftItem(name, "large", tokens, ks[name], SamplingParams(temperature=0)) for name, tokens in seqs.items()]
     for item, result in zip(items, client.draft(items)):
         with torch.no_grad():
-            out = model.model.generate(torch.tensor([item.token_ids]), max_new_tokens=item.num_draft, min_new_tokens=item.num_draft, do_sample=False)
+            config = GenerationConfig(max_new_tokens=item.num_draft, do_sample=False, eos_token_id=None, pad_token_id=0)  # no early stop
+            out = model.model.generate(torch.tensor([item.token_ids]), generation_config=config)
         assert result.draft_tokens == out[0, len(item.token_ids) :].tolist()
         assert result.cache_length == len(item.token_ids) + item.num_draft - 1  # the last draft is not fed yet
         expected = full_logits(model, item.token_ids + result.draft_tokens[:-1])[-item.num_draft :]

@@ -1,0 +1,196 @@
+"""The EFT decoding engine over model workers: every active request advances one step per
+iteration, with one batched call per worker, issued concurrently.
+
+Per iteration:
+
+1. **draft**: requests that speculate ask their drafter for k tokens (one Draft call per
+   drafter worker, for all of them);
+2. **score**: every request sends each scored model the tokens its cache lacks, plus the
+   drafts, asking for the last k + 1 logits (one Extend call per worker, for all requests);
+3. **decide**: per request, eft_core combines the logits, then samples one token (k = 0)
+   or accepts a prefix of the drafts plus a recovered or bonus token;
+4. **roll back**: caches that hold rejected drafts are truncated; finished requests release
+   every session they held.
+
+Sessions on workers: ``<request id>`` for the scored models, ``<request id>#draft`` for the
+drafter (a drafter that is also a scored model keeps two caches: simple, and cheap for the
+small model that drafts).
+"""
+
+from collections import defaultdict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from eft_core import Composition, EFTError, SamplingBatch, SamplingParams, SpeculationStats, accept_drafts, eft_logprobs, implicit_rewards, sample
+from eft_core.sampling import sampling_probs, seeded_generator
+from services.worker.api import DraftItem, ExtendItem
+from services.worker.client import WorkerClient
+
+
+@dataclass
+class EngineRequest:
+    """One generation in flight, and what the workers' caches hold of it."""
+
+    id: str
+    composition: Composition
+    prompts: dict[str, list[int]]  # per model: its rendered prompt
+    params: SamplingParams
+    weights: tuple[float, ...]
+    draft_k: int = 0  # 0: no speculation
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    rewards: list[list[float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: EFTError | None = None
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    unsent: dict[str, list[int]] = field(default_factory=dict)  # session key -> tokens its cache lacks
+    cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds
+
+    def __post_init__(self):
+        self.generator = seeded_generator(self.params.seed) if self.params.seed is not None else None
+        self.sampling = SamplingBatch.from_params([self.params], {0: self.generator} if self.generator else {})
+        for model in self.composition.scored_models:
+            self.unsent[model] = list(self.prompts[model])
+        if self.draft_k:
+            self.unsent[_DRAFT] = list(self.prompts[self.composition.drafter_model])
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_k(self) -> int:
+        return min(self.draft_k, self.params.max_tokens - len(self.tokens) - 1)
+
+
+_DRAFT = "#draft"  # session key of the drafter's cache
+
+
+class Engine:
+    def __init__(self, workers: Mapping[str, WorkerClient], vocab_size: int, logits_dtype: torch.dtype = torch.float32):
+        self.workers = dict(workers)  # model name -> the client of the worker hosting it
+        self.vocab_size, self.logits_dtype = vocab_size, logits_dtype
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
+
+    def step(self, requests: list[EngineRequest]) -> None:
+        """Advance every unfinished request by one iteration."""
+        active = [r for r in requests if not r.done]
+        ks = {r.id: r.next_k() for r in active}
+        drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
+        scored = self._score([r for r in active if not r.done], drafted)
+        truncations = []
+        for r in active:
+            if not r.done:
+                emitted = self._decide(r, scored[r.id], drafted.get(r.id))
+                truncations += [] if r.done else self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)
+        self._gather([self.pool.submit(self.workers[model].truncate, session, model, keep) for model, session, keep in truncations])
+        self.release([r for r in active if r.done])
+
+    def release(self, requests: list[EngineRequest]) -> None:
+        """Free every worker session the requests hold (idempotent)."""
+        ids = [s for r in requests for s in (r.id, r.id + _DRAFT)]
+        if ids:
+            clients = {client: None for client in self.workers.values()}
+            self._gather([self.pool.submit(client.release, ids) for client in clients])
+        for r in requests:
+            r.cached.clear()
+
+    # --- the phases ----------------------------------------------------------------------
+
+    def _draft(self, requests: list[EngineRequest], ks: dict[str, int]) -> dict[str, tuple[list[int], torch.Tensor]]:
+        calls = defaultdict(list)
+        for r in requests:
+            drafter = r.composition.drafter_model
+            calls[self.workers[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params)))
+        results = {}
+        for r, answer in self._call_all(calls, lambda client, items: client.draft(items, self.logits_dtype)):
+            results[r.id] = (answer.draft_tokens, answer.logits)
+            r.cached[_DRAFT] = answer.cache_length
+        return results
+
+    def _score(self, requests: list[EngineRequest], drafted) -> dict[str, dict[str, torch.Tensor]]:
+        calls = defaultdict(list)
+        for r in requests:
+            drafts = drafted.get(r.id, ([], None))[0]
+            for model in r.composition.scored_models:
+                calls[self.workers[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, num_logits=len(drafts) + 1)))
+        results = defaultdict(dict)
+        for (r, item), answer in self._call_all(calls, lambda client, items: client.extend(items, self.logits_dtype), with_items=True):
+            results[r.id][item.model] = answer.logits
+            r.cached[item.model] = answer.cache_length
+        return results
+
+    def _decide(self, r: EngineRequest, logits: dict[str, torch.Tensor], drafted) -> list[int]:
+        """Sample (no drafts) or accept drafts; emit the tokens; return them."""
+        per_model = {m: t.float()[None] for m, t in logits.items()}  # [1, k + 1, vocab]
+        target = eft_logprobs(per_model, r.composition, r.weights, self.vocab_size)[0]  # [k + 1, vocab]
+        nucleus = torch.log_softmax(per_model[r.composition.nucleus_model][0, :, : self.vocab_size], dim=-1)
+        if drafted is None:
+            emitted = [int(sample(target, r.sampling, nucleus)[0][0])]
+        else:
+            emitted = self._accept(r, target, nucleus, *drafted)
+        for position, token in enumerate(emitted):
+            if not r.done:
+                self._emit(r, token, position, target, per_model)
+        return emitted
+
+    def _accept(self, r: EngineRequest, target, nucleus, drafts: list[int], draft_logits: torch.Tensor) -> list[int]:
+        k = len(drafts)
+        target_probs = sampling_probs(target, r.sampling.rows_of([0] * (k + 1)), nucleus)
+        draft_probs = sampling_probs(torch.log_softmax(draft_logits.float(), dim=-1), r.sampling.rows_of([0] * k))
+        result = accept_drafts(torch.tensor([drafts]), torch.tensor([k]), draft_probs[None], target_probs[None], r.sampling.generators)
+        r.stats.observe_draft(k, int(result.num_accepted[0]))
+        return result.emitted(0)
+
+    def _emit(self, r: EngineRequest, token: int, position: int, target, per_model) -> None:
+        r.tokens.append(token)
+        r.logprobs.append(float(target[position, token]))
+        at = {m: t[:, position : position + 1] for m, t in per_model.items()}
+        r.rewards.append(implicit_rewards(at, r.composition, torch.tensor([[token]]), self.vocab_size)[0, 0].tolist())
+        if token in r.params.stop_token_ids:
+            r.finish_reason = "stop"
+        elif len(r.tokens) >= r.params.max_tokens:
+            r.finish_reason = "length"
+
+    def _roll_back(self, r: EngineRequest, drafts: list[int], emitted: list[int]) -> list[tuple[str, str, int]]:
+        """Keep the accepted drafts in every cache; the last emitted token is sent next time.
+        Returns the truncations to make, as (model, session, length)."""
+        k, accepted, last = len(drafts), len(emitted) - 1, emitted[-1]
+        truncations = []
+        for model in r.composition.scored_models:  # they hold all k drafts
+            truncations += self._keep(r, model, r.id, model, r.cached[model] - k + accepted)
+            r.unsent[model] = [last]
+        if r.draft_k and k:  # the drafter holds k - 1 drafts: its last one was never fed
+            fed = k - 1
+            truncations += self._keep(r, _DRAFT, r.id + _DRAFT, r.composition.drafter_model, r.cached[_DRAFT] - fed + min(accepted, fed))
+            r.unsent[_DRAFT] = ([drafts[-1]] if accepted == k else []) + [last]
+        elif r.draft_k:
+            r.unsent[_DRAFT] = r.unsent[_DRAFT] + [last]
+        return truncations
+
+    @staticmethod
+    def _keep(r: EngineRequest, key: str, session: str, model: str, length: int) -> list[tuple[str, str, int]]:
+        if length >= r.cached[key]:
+            return []
+        r.cached[key] = length
+        return [(model, session, length)]
+
+    def _call_all(self, calls: dict, call, with_items: bool = False):
+        """One call per worker, concurrently; a failed call fails just its requests."""
+        futures = {client: self.pool.submit(call, client, [item for _, item in batch]) for client, batch in calls.items()}
+        for client, future in futures.items():
+            try:
+                answers = future.result()
+            except EFTError as error:
+                for r, _ in calls[client]:
+                    r.error, r.finish_reason = error, "error"
+                continue
+            for (r, item), answer in zip(calls[client], answers):
+                yield ((r, item) if with_items else r), answer
+
+    @staticmethod
+    def _gather(futures) -> None:
+        for future in futures:
+            future.result()

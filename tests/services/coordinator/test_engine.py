@@ -1,0 +1,144 @@
+"""The engine over real workers (reduced family) against the eft_core reference loop."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from eft_core import SamplingParams
+from services.coordinator.engine import Engine, EngineRequest
+from services.family.compositions import family_compositions
+from services.family.evaluate import open_engine
+from services.prompts import render_prompt
+from services.worker.client import GrpcWorkerClient, InProcessWorkerClient
+from services.worker.server import create_server
+from services.worker.worker import ModelWorker, load_hosted_model
+
+COMPOSITIONS = family_compositions()
+
+
+@pytest.fixture(scope="module")
+def oracle(quick_family):
+    return open_engine(quick_family)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(quick_family):
+    return {name: AutoTokenizer.from_pretrained(quick_family.model_path(name)) for name in quick_family.manifest["models"]}
+
+
+@pytest.fixture(scope="module", params=["in-process", "grpc"])
+def workers(request, quick_family):
+    """A base worker (large models) and a pair worker (small models), as the cluster places them."""
+    load = lambda names: ModelWorker([load_hosted_model(n, quick_family.model_path(n)) for n in names])  # noqa: E731
+    base, pair = load(["large-base", "large-tuned"]), load(["small-base", "small-tuned", "small-safe"])
+    servers = []
+    if request.param == "in-process":
+        clients = {w: InProcessWorkerClient(w) for w in (base, pair)}
+    else:
+        clients = {}
+        for w in (base, pair):
+            server, port = create_server(w, "127.0.0.1:0")
+            servers.append(server)
+            clients[w] = GrpcWorkerClient(f"127.0.0.1:{port}")
+    placement = {name: clients[w] for w in (base, pair) for name in w.models}
+    yield placement, (base, pair)
+    for server in servers:
+        server.stop(grace=None)
+
+
+def questions(quick_family, n=4):
+    world = quick_family.world()
+    return [[{"role": "user", "content": f"what is the {a} of {e} ?"}] for e in world.entities[:n] for a in ("capital", "animal")][:n]
+
+
+def make_request(i, composition, messages, tokenizers, params, weights=None, draft_k=0) -> EngineRequest:
+    chosen = COMPOSITIONS[composition]
+    prompts = {m: render_prompt(tokenizers[m], messages) for m in chosen.models}
+    return EngineRequest(f"r{i}", chosen, prompts, params, chosen.weights(weights), draft_k)
+
+
+def run(engine: Engine, requests: list[EngineRequest], joining: list[EngineRequest] = ()) -> None:
+    joining = list(joining)
+    steps = 0
+    while not all(r.done for r in requests) or joining:
+        if joining and steps == 2:  # requests join a running batch
+            requests += joining
+            joining = []
+        engine.step(requests)
+        steps += 1
+
+
+@pytest.mark.parametrize("composition", ["upscaled", "mixed"])
+@pytest.mark.parametrize("draft_k", [0, 1, 4])
+def test_greedy_matches_the_reference_loop(workers, oracle, tokenizers, quick_family, composition, draft_k):
+    placement, worker_objects = workers
+    eos = tokenizers["large-base"].eos_token_id
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(eos,))
+    engine = Engine(placement, oracle.vocab_size)
+    asked = questions(quick_family)
+    requests = [make_request(i, composition, m, tokenizers, params, draft_k=draft_k) for i, m in enumerate(asked[:2])]
+    late = [make_request(i + 2, composition, m, tokenizers, params, draft_k=draft_k) for i, m in enumerate(asked[2:])]
+    run(engine, requests, late)
+    for r, messages in zip(requests, asked):
+        expected = oracle.generate(composition, messages, params)
+        assert r.tokens == expected.generation.tokens, (r.id, r.tokens, expected.generation.tokens)
+        assert r.finish_reason == expected.generation.finish_reason
+        assert r.logprobs == pytest.approx(expected.generation.logprobs, abs=1e-4)
+        if draft_k:  # greedy drafts are deterministic too: the same drafts, the same acceptances
+            speculative = oracle.generate(composition, messages, params, draft_k=draft_k).generation
+            assert speculative.tokens == expected.generation.tokens
+            assert r.stats == speculative.stats
+    if draft_k:  # the drafter was sometimes wrong: rejected drafts were rolled back
+        accepted, drafted = sum(r.stats.accepted_tokens for r in requests), sum(r.stats.draft_tokens for r in requests)
+        assert 0 < accepted < drafted
+    assert all(w.info().sessions == 0 for w in worker_objects)  # finished requests released everything
+
+
+def test_zero_weights_give_the_base_models_own_output(workers, oracle, tokenizers, quick_family):
+    placement, _ = workers
+    params = SamplingParams(temperature=0, max_tokens=10)
+    engine = Engine(placement, oracle.vocab_size)
+    messages = questions(quick_family)[0]
+    request = make_request(0, "upscaled", messages, tokenizers, params, weights={"chat": 0.0}, draft_k=2)
+    run(engine, [request])
+    assert request.tokens == oracle.generate("large-base", messages, params).generation.tokens
+
+
+def test_seeded_sampling_is_the_same_alone_or_among_others(workers, oracle, tokenizers, quick_family):
+    placement, _ = workers
+    engine = Engine(placement, oracle.vocab_size)
+    messages = questions(quick_family)
+    mine = SamplingParams(temperature=1.0, seed=7, max_tokens=10)
+    for draft_k in (0, 3):
+        alone = make_request(0, "upscaled", messages[0], tokenizers, mine, draft_k=draft_k)
+        run(engine, [alone])
+        crowd = [make_request(i + 1, "upscaled", messages[i % 4], tokenizers, SamplingParams(temperature=1.0, max_tokens=5 + i)) for i in range(7)]
+        again = make_request(9, "upscaled", messages[0], tokenizers, mine, draft_k=draft_k)
+        run(engine, crowd + [again])
+        assert again.tokens == alone.tokens
+
+
+def test_releasing_mid_generation_frees_every_session(workers, oracle, tokenizers, quick_family):
+    placement, worker_objects = workers
+    engine = Engine(placement, oracle.vocab_size)
+    requests = [make_request(i, "mixed", m, tokenizers, SamplingParams(temperature=0, max_tokens=30), draft_k=2) for i, m in enumerate(questions(quick_family))]
+    engine.step(requests)
+    engine.step(requests)
+    assert sum(w.info().sessions for w in worker_objects) > 0
+    engine.release(requests)  # what cancellation and deadlines do
+    assert [w.info().sessions for w in worker_objects] == [0, 0]
+
+
+@pytest.mark.parametrize("draft_k", [1, 3])
+def test_every_cache_plus_its_unsent_tokens_is_the_whole_sequence(workers, oracle, tokenizers, quick_family, draft_k):
+    placement, _ = workers
+    engine = Engine(placement, oracle.vocab_size)
+    requests = [make_request(i, "upscaled", m, tokenizers, SamplingParams(temperature=0.7, seed=i, max_tokens=20), draft_k=draft_k) for i, m in enumerate(questions(quick_family))]
+    checked = 0
+    while not all(r.done for r in requests):
+        engine.step(requests)
+        for r in (r for r in requests if not r.done):
+            drafter = r.composition.drafter_model
+            for key, model in [*((m, m) for m in r.composition.scored_models), ("#draft", drafter)]:
+                assert r.cached[key] + len(r.unsent[key]) == len(r.prompts[model]) + len(r.tokens), (r.id, key)
+                checked += 1
+    assert checked > 20
