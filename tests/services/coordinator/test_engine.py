@@ -1,70 +1,10 @@
 """The engine over real workers (reduced family) against the eft_core reference loop."""
 
 import pytest
-from transformers import AutoTokenizer
 
 from eft_core import SamplingParams
-from services.coordinator.engine import Engine, EngineRequest
-from services.family.compositions import family_compositions
-from services.family.evaluate import open_engine
-from services.prompts import render_prompt
-from services.worker.client import GrpcWorkerClient, InProcessWorkerClient
-from services.worker.server import create_server
-from services.worker.worker import ModelWorker, load_hosted_model
-
-COMPOSITIONS = family_compositions()
-
-
-@pytest.fixture(scope="module")
-def oracle(quick_family):
-    return open_engine(quick_family)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(quick_family):
-    return {name: AutoTokenizer.from_pretrained(quick_family.model_path(name)) for name in quick_family.manifest["models"]}
-
-
-@pytest.fixture(scope="module", params=["in-process", "grpc"])
-def workers(request, quick_family):
-    """A base worker (large models) and a pair worker (small models), as the cluster places them."""
-    load = lambda names: ModelWorker([load_hosted_model(n, quick_family.model_path(n)) for n in names])  # noqa: E731
-    base, pair = load(["large-base", "large-tuned"]), load(["small-base", "small-tuned", "small-safe"])
-    servers = []
-    if request.param == "in-process":
-        clients = {w: InProcessWorkerClient(w) for w in (base, pair)}
-    else:
-        clients = {}
-        for w in (base, pair):
-            server, port = create_server(w, "127.0.0.1:0")
-            servers.append(server)
-            clients[w] = GrpcWorkerClient(f"127.0.0.1:{port}")
-    placement = {name: clients[w] for w in (base, pair) for name in w.models}
-    yield placement, (base, pair)
-    for server in servers:
-        server.stop(grace=None)
-
-
-def questions(quick_family, n=4):
-    world = quick_family.world()
-    return [[{"role": "user", "content": f"what is the {a} of {e} ?"}] for e in world.entities[:n] for a in ("capital", "animal")][:n]
-
-
-def make_request(i, composition, messages, tokenizers, params, weights=None, draft_k=0) -> EngineRequest:
-    chosen = COMPOSITIONS[composition]
-    prompts = {m: render_prompt(tokenizers[m], messages) for m in chosen.models}
-    return EngineRequest(f"r{i}", chosen, prompts, params, chosen.weights(weights), draft_k)
-
-
-def run(engine: Engine, requests: list[EngineRequest], joining: list[EngineRequest] = ()) -> None:
-    joining = list(joining)
-    steps = 0
-    while not all(r.done for r in requests) or joining:
-        if joining and steps == 2:  # requests join a running batch
-            requests += joining
-            joining = []
-        engine.step(requests)
-        steps += 1
+from services.coordinator.engine import Engine
+from tests.services.coordinator.helpers import make_request, questions, run
 
 
 @pytest.mark.parametrize("composition", ["upscaled", "mixed"])

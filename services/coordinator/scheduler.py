@@ -1,0 +1,136 @@
+"""Continuous batching: one loop thread steps every running request through the engine;
+requests join and leave between iterations, and each streams its tokens through a queue.
+
+Admission: up to ``max_running`` requests step together; up to ``max_waiting`` more queue
+(beyond that, RESOURCE_EXHAUSTED at once). Cancellation and deadlines are honoured between
+iterations and release every worker session the request held.
+"""
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from eft_core import EFTError, ResourceExhaustedError
+from services.coordinator.engine import Engine, EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens a request produced since its last chunk; ``final`` once it is over."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    rewards: list[list[float]]
+    final: bool = False
+    finish_reason: str | None = None  # stop, length, cancelled, deadline, error
+    error: EFTError | None = None
+
+
+class Handle:
+    """The caller's side of a submitted request."""
+
+    def __init__(self, request: EngineRequest, deadline: float | None):
+        self.request, self.deadline = request, deadline
+        self.chunks: queue.Queue[Chunk] = queue.Queue()
+        self.cancelled = threading.Event()
+        self.sent = 0  # tokens already put into chunks
+
+    def stream(self):
+        """Chunks until (and including) the final one."""
+        while True:
+            chunk = self.chunks.get()
+            yield chunk
+            if chunk.final:
+                return
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_running: int = 32, max_waiting: int = 256):
+        self.engine, self.max_running, self.max_waiting = engine, max_running, max_waiting
+        self.waiting: list[Handle] = []
+        self.running: list[Handle] = []
+        self.condition = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="eft-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: EngineRequest, timeout: float | None = None) -> Handle:
+        """Queue a request; ``timeout`` in seconds from now bounds its whole generation."""
+        handle = Handle(request, time.monotonic() + timeout if timeout is not None else None)
+        with self.condition:
+            if len(self.waiting) >= self.max_waiting:
+                raise ResourceExhaustedError(f"{len(self.waiting)} requests already wait (max_waiting {self.max_waiting}): retry later", field="queue")
+            self.waiting.append(handle)
+            self.condition.notify()
+        return handle
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self.condition:
+            return len(self.running), len(self.waiting)
+
+    def close(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.condition.notify()
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not self.stopped and not self.waiting and not self.running:
+                    self.condition.wait()
+                if self.stopped:
+                    break
+                admitted = self.waiting[: self.max_running - len(self.running)]
+                self.waiting = self.waiting[len(admitted) :]
+                self.running += admitted
+            self._drop_abandoned()
+            try:
+                self.engine.step([h.request for h in self.running])
+            except Exception as error:  # a bug, or a worker failing outside the per-call handling
+                log.exception("engine step failed")
+                for handle in self.running:
+                    handle.request.error = error if isinstance(error, EFTError) else EFTError(f"engine step failed: {error}")
+                    handle.request.finish_reason = "error"
+            self._publish()
+        self._finish(self.running + self.waiting, "cancelled")
+
+    def _drop_abandoned(self) -> None:
+        now = time.monotonic()
+        for handle in list(self.running):
+            if handle.cancelled.is_set():
+                self._finish([handle], "cancelled")
+            elif handle.deadline is not None and now > handle.deadline:
+                self._finish([handle], "deadline")
+
+    def _publish(self) -> None:
+        for handle in list(self.running):
+            request = handle.request
+            new = slice(handle.sent, len(request.tokens))
+            if request.done:
+                self.running.remove(handle)
+                self.engine.release([request])
+                handle.chunks.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new], True, request.finish_reason, request.error))
+            elif new.start < new.stop:
+                handle.chunks.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new]))
+            handle.sent = len(request.tokens)
+
+    def _finish(self, handles: list[Handle], reason: str) -> None:
+        for handle in handles:
+            if handle in self.running:
+                self.running.remove(handle)
+            handle.request.finish_reason = handle.request.finish_reason or reason
+            try:
+                self.engine.release([handle.request])
+            except EFTError:
+                log.warning("could not release %s", handle.request.id, exc_info=True)
+            handle.chunks.put(Chunk([], [], [], True, reason))
