@@ -41,6 +41,12 @@ class UnavailableError(EFTError):
     code = "UNAVAILABLE"
 
 
+class DeadlineExceededError(EFTError):
+    """The request's deadline passed before it finished."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raise InvalidArgumentError(message, field=field) unless condition holds."""
     if not condition:

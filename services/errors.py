@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from eft_core import EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from eft_core import DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -15,9 +15,9 @@ STATUS_OF = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 ERROR_OF = {status: error for error, status in STATUS_OF.items()}
-ERROR_OF[grpc.StatusCode.DEADLINE_EXCEEDED] = UnavailableError
 
 
 def status_of(error: EFTError) -> grpc.StatusCode:

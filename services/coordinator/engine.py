@@ -39,7 +39,8 @@ class EngineRequest:
     prompts: dict[str, list[int]]  # per model: its rendered prompt
     params: SamplingParams
     weights: tuple[float, ...]
-    draft_k: int = 0  # 0: no speculation
+    draft_k: int = 0  # drafts per step; 0: no speculation
+    adaptive: bool = False  # let draft_k follow the acceptance: +2 after a fully accepted draft, -1 otherwise
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
@@ -66,6 +67,7 @@ class EngineRequest:
 
 
 _DRAFT = "#draft"  # session key of the drafter's cache
+MAX_ADAPTIVE_K = 8
 
 
 class Engine:
@@ -141,7 +143,10 @@ class Engine:
         target_probs = sampling_probs(target, r.sampling.rows_of([0] * (k + 1)), nucleus)
         draft_probs = sampling_probs(torch.log_softmax(draft_logits.float(), dim=-1), r.sampling.rows_of([0] * k))
         result = accept_drafts(torch.tensor([drafts]), torch.tensor([k]), draft_probs[None], target_probs[None], r.sampling.generators)
-        r.stats.observe_draft(k, int(result.num_accepted[0]))
+        accepted = int(result.num_accepted[0])
+        r.stats.observe_draft(k, accepted)
+        if r.adaptive:
+            r.draft_k = min(MAX_ADAPTIVE_K, r.draft_k + 2) if accepted == k else max(1, r.draft_k - 1)
         return result.emitted(0)
 
     def _emit(self, r: EngineRequest, token: int, position: int, target, per_model) -> None:

@@ -13,7 +13,7 @@ from services.errors import error_from_rpc
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
 from services.worker import convert
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, WorkerInfo
-from services.worker.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from services.worker.worker import ModelWorker
 
 

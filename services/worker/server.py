@@ -13,21 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from eft_core import EFTError
 from services.errors import aborts_on_errors
+from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_server
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
 from services.wire import DTYPE_NAMES, wire_dtype
 from services.worker import convert
 from services.worker.worker import ModelWorker, load_hosted_model
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # batch x positions x vocab x 4 bytes, with room
 
 
 class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
@@ -57,21 +54,14 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         return worker_pb2.ReleaseResponse(released=self.worker.release(list(request.session_ids)))
 
 
-def create_server(worker: ModelWorker, address: str = "127.0.0.1:0", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, threads: int = 8) -> tuple[grpc.Server, int]:
+def create_server(worker: ModelWorker, address: str = "127.0.0.1:0", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """A started server with the worker, grpc.health.v1 (SERVING) and reflection; returns the bound port."""
-    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
-    worker_pb2_grpc.add_ModelWorkerServicer_to_server(ModelWorkerServicer(worker), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return start_grpc_server(
+        lambda server: worker_pb2_grpc.add_ModelWorkerServicer_to_server(ModelWorkerServicer(worker), server),
+        SERVICE_NAME,
+        address,
+        max_message_bytes,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,9 @@
 from services.coordinator.engine import Engine, EngineRequest
 from services.family.compositions import family_compositions
 from services.prompts import render_prompt
+from services.worker.client import GrpcWorkerClient, InProcessWorkerClient
+from services.worker.server import create_server
+from services.worker.worker import ModelWorker, load_hosted_model
 
 COMPOSITIONS = family_compositions()
 
@@ -27,3 +30,21 @@ def run(engine: Engine, requests: list[EngineRequest], joining: list[EngineReque
             joining = []
         engine.step(requests)
         steps += 1
+
+
+def start_workers(family, transport: str):
+    """A base worker (large models) and a pair worker (small models), as the cluster places
+    them, in process or behind gRPC servers on 127.0.0.1. Returns the model -> client
+    placement, the workers, and a function that stops the servers."""
+    load = lambda names: ModelWorker([load_hosted_model(n, family.model_path(n)) for n in names])  # noqa: E731
+    workers = (load(["large-base", "large-tuned"]), load(["small-base", "small-tuned", "small-safe"]))
+    servers, clients = [], {}
+    for worker in workers:
+        if transport == "in-process":
+            clients[worker] = InProcessWorkerClient(worker)
+        else:
+            server, port = create_server(worker, "127.0.0.1:0")
+            servers.append(server)
+            clients[worker] = GrpcWorkerClient(f"127.0.0.1:{port}")
+    placement = {name: clients[w] for w in workers for name in w.models}
+    return placement, workers, lambda: [s.stop(grace=None) for s in servers]

@@ -1,0 +1,179 @@
+"""Requests in, text out: validation, per-model prompts, stop strings, streaming text."""
+
+import math
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from eft_core import Composition, DeadlineExceededError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
+from eft_core.errors import require
+from services.coordinator.engine import EngineRequest
+from services.coordinator.scheduler import Chunk, Handle, Scheduler
+from services.pb.eft.v1 import eft_pb2
+from services.prompts import render_prompt, tokenizer_fingerprint
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    default_max_tokens: int = 64
+    max_stop_strings: int = 8
+    max_weight_magnitude: float = 10.0
+    default_draft_k: int = 4  # speculation when a request does not say (0: off by default)
+    max_draft_k: int = 16
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the scheduler."""
+
+    request: EngineRequest
+    stop: list[str]
+    options: eft_pb2.ReturnOptions
+    prompt_tokens: int
+
+
+@dataclass
+class _Progress:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # text already sent
+
+
+class Gateway:
+    def __init__(self, compositions: Mapping[str, Composition], tokenizers: Mapping[str, object], scheduler: Scheduler, default_composition: str, limits: Limits = Limits()):
+        self.compositions, self.tokenizers, self.scheduler = dict(compositions), dict(tokenizers), scheduler
+        self.default_composition, self.limits = default_composition, limits
+
+    def list_compositions(self) -> eft_pb2.ListCompositionsResponse:
+        infos = [
+            eft_pb2.CompositionInfo(
+                name=c.name,
+                base=c.base,
+                deltas=[eft_pb2.DeltaInfo(name=d.name, tuned=d.tuned, reference=d.reference, weight=d.weight) for d in c.deltas],
+                drafter=c.drafter_model or "",
+                tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizers[c.base]),
+            )
+            for c in self.compositions.values()
+        ]
+        return eft_pb2.ListCompositionsResponse(compositions=infos, default_composition=self.default_composition)
+
+    def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
+        """Validate everything once; errors name the field."""
+        composition = self._composition(message.composition or self.default_composition)
+        weights = self._weights(composition, message.weights)
+        params = self._sampling(message.sampling, composition)
+        draft_k, adaptive = self._speculation(message.speculation, composition)
+        prompt = self._prompt(message)
+        prompts = {m: render_prompt(self.tokenizers[m], prompt) for m in composition.models}
+        longest = max(len(p) for p in prompts.values())
+        if longest > self.limits.max_prompt_tokens:
+            raise ResourceExhaustedError(f"{longest} prompt tokens, over the limit of {self.limits.max_prompt_tokens}", field="prompt")
+        request = EngineRequest(uuid.uuid4().hex, composition, prompts, params, weights, draft_k, adaptive)
+        return Prepared(request, list(message.sampling.stop), message.return_options, len(prompts[composition.base]))
+
+    def stream(self, prepared: Prepared, timeout: float | None = None) -> tuple[Handle, Iterator[eft_pb2.GenerateStreamResponse]]:
+        """Submit; returns the handle (to cancel) and the stream of response messages."""
+        handle = self.scheduler.submit(prepared.request, timeout)
+        return handle, self._responses(prepared, handle)
+
+    def _responses(self, prepared: Prepared, handle: Handle) -> Iterator[eft_pb2.GenerateStreamResponse]:
+        progress, options, tokenizer = _Progress(), prepared.options, self.tokenizers[prepared.request.composition.base]
+        for chunk in handle.stream():
+            if chunk.error is not None:
+                raise chunk.error
+            progress.tokens += chunk.tokens
+            text, stopped = self._text(tokenizer, progress, prepared.stop)
+            reply = eft_pb2.GenerateStreamResponse(text=text)
+            if options.token_ids:
+                reply.token_ids.extend(chunk.tokens)
+            if options.logprobs:
+                reply.logprobs.extend(chunk.logprobs)
+            if options.rewards:
+                reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards)
+            if stopped and not chunk.final:
+                handle.cancel()
+                for _ in handle.stream():  # until the scheduler has released its sessions
+                    pass
+                chunk = Chunk([], [], [], True, "stop")
+            if chunk.final:
+                if chunk.finish_reason == "deadline":
+                    raise DeadlineExceededError(f"the request's deadline passed after {len(progress.tokens)} tokens")
+                reply.finish_reason = _FINISH["stop" if stopped else chunk.finish_reason]
+                reply.usage.CopyFrom(eft_pb2.Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=len(progress.tokens)))
+                stats = prepared.request.stats
+                reply.stats.CopyFrom(eft_pb2.DraftStats(drafted=stats.draft_tokens, accepted=stats.accepted_tokens))
+            yield reply
+            if chunk.final:
+                return
+
+    def _text(self, tokenizer, progress: _Progress, stop: list[str]) -> tuple[str, bool]:
+        """New text since the last chunk, cut at the first stop string."""
+        full = tokenizer.decode(progress.tokens, skip_special_tokens=True)
+        stopped = False
+        cuts = [full.find(s, max(0, len(progress.text) - len(s) + 1)) for s in stop]
+        cuts = [c for c in cuts if c >= 0]
+        if cuts:
+            full, stopped = full[: min(cuts)], True
+        new = full[len(progress.text) :] if full.startswith(progress.text) else full
+        progress.text = full
+        return new, stopped
+
+    # --- validation ----------------------------------------------------------------------
+
+    def _composition(self, name: str) -> Composition:
+        if name not in self.compositions:
+            raise NotFoundError(f"no composition {name!r} (served: {sorted(self.compositions)})", field="composition")
+        return self.compositions[name]
+
+    def _weights(self, composition: Composition, weights: Mapping[str, float]) -> tuple[float, ...]:
+        for name, value in weights.items():
+            require(math.isfinite(value) and abs(value) <= self.limits.max_weight_magnitude, f"weights[{name!r}]", f"must be finite with |w| <= {self.limits.max_weight_magnitude}, got {value}")
+        return composition.weights(dict(weights))
+
+    def _sampling(self, message: eft_pb2.Sampling, composition: Composition) -> SamplingParams:
+        max_tokens = message.max_tokens or min(self.limits.default_max_tokens, self.limits.max_tokens)
+        if max_tokens > self.limits.max_tokens:
+            raise ResourceExhaustedError(f"max_tokens {max_tokens} is over the limit of {self.limits.max_tokens}", field="sampling.max_tokens")
+        require(len(message.stop) <= self.limits.max_stop_strings, "sampling.stop", f"at most {self.limits.max_stop_strings} stop strings, got {len(message.stop)}")
+        require(all(s for s in message.stop), "sampling.stop", "stop strings must not be empty")
+        eos = self.tokenizers[composition.base].eos_token_id
+        try:
+            return SamplingParams(
+                temperature=float(message.temperature) if message.HasField("temperature") else 1.0,
+                top_k=int(message.top_k),
+                top_p=float(message.top_p) if message.HasField("top_p") else 1.0,
+                conservative_top_p=bool(message.conservative_top_p),
+                seed=int(message.seed) if message.HasField("seed") else None,
+                max_tokens=int(max_tokens),
+                stop_token_ids=(eos,) if eos is not None else (),
+            )
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(error.message, field=f"sampling.{error.field}") from None
+
+    def _speculation(self, message: eft_pb2.Speculation, composition: Composition) -> tuple[int, bool]:
+        mode = message.mode
+        require(mode in _SPECULATION_MODES, "speculation.mode", f"unknown mode {mode}")
+        require(0 <= message.k <= self.limits.max_draft_k, "speculation.k", f"must be in [0, {self.limits.max_draft_k}], got {message.k}")
+        if mode == eft_pb2.SPECULATION_MODE_OFF or (mode == eft_pb2.SPECULATION_MODE_UNSPECIFIED and not self.limits.default_draft_k):
+            return 0, False
+        if composition.drafter_model is None:
+            require(mode == eft_pb2.SPECULATION_MODE_UNSPECIFIED, "speculation.mode", f"composition {composition.name!r} has no drafter")
+            return 0, False
+        k = message.k or self.limits.default_draft_k or 4
+        return k, mode == eft_pb2.SPECULATION_MODE_ADAPTIVE
+
+    @staticmethod
+    def _prompt(message: eft_pb2.GenerateRequest):
+        kind = message.WhichOneof("prompt")
+        require(kind is not None, "prompt", "set text or messages")
+        if kind == "text":
+            require(message.text != "", "text", "must not be empty")
+            return message.text
+        return [{"role": m.role, "content": m.content} for m in message.messages.messages]
+
+
+_FINISH = {"stop": eft_pb2.FINISH_REASON_STOP, "length": eft_pb2.FINISH_REASON_LENGTH, "cancelled": eft_pb2.FINISH_REASON_CANCELLED}
+_SPECULATION_MODES = {eft_pb2.SPECULATION_MODE_UNSPECIFIED, eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED, eft_pb2.SPECULATION_MODE_ADAPTIVE}

@@ -1,0 +1,34 @@
+"""Starting a gRPC server the way every EFT Serve service does: message limits sized for
+logits, grpc.health.v1 reporting SERVING, and server reflection."""
+
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # batch x positions x vocab x 4 bytes, with room
+
+
+def start_grpc_server(
+    add_servicers: Callable[[grpc.Server], None],
+    service_name: str,
+    address: str = "127.0.0.1:0",
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    threads: int = 32,
+) -> tuple[grpc.Server, int]:
+    """A started server; returns it and the bound port (``address`` may ask for port 0)."""
+    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
+    add_servicers(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for name in ("", service_name):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port

@@ -1,0 +1,192 @@
+"""EFTService end to end in one process: gateway, scheduler, engine and workers (the workers
+behind real gRPC servers), all on 127.0.0.1, against the eft_core reference loop."""
+
+import math
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from eft_core import SamplingParams
+from services.coordinator.engine import Engine
+from services.coordinator.scheduler import Scheduler
+from services.family.compositions import family_compositions
+from services.gateway.gateway import Gateway, Limits
+from services.gateway.server import SERVICE_NAME, create_server
+from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from tests.services.coordinator.helpers import questions, start_workers
+
+OFF, FIXED, ADAPTIVE = eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED, eft_pb2.SPECULATION_MODE_ADAPTIVE
+
+
+@pytest.fixture(scope="module")
+def service(quick_family, oracle, tokenizers):
+    placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
+    scheduler = Scheduler(Engine(placement, oracle.vocab_size), max_running=16, max_waiting=32)
+    gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40))
+    server, port = create_server(gateway, "127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield eft_pb2_grpc.EFTServiceStub(channel), channel, worker_objects
+    channel.close()
+    server.stop(grace=None)
+    scheduler.close()
+    stop_workers()
+
+
+def ask(messages, composition="upscaled", mode=OFF, k=0, weights=None, **sampling) -> eft_pb2.GenerateRequest:
+    sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("max_tokens", 12)
+    return eft_pb2.GenerateRequest(
+        composition=composition,
+        weights=weights or {},
+        messages=eft_pb2.ChatMessages(messages=[eft_pb2.ChatMessage(**m) for m in messages]),
+        sampling=eft_pb2.Sampling(**sampling),
+        speculation=eft_pb2.Speculation(mode=mode, k=k),
+        return_options=eft_pb2.ReturnOptions(token_ids=True, logprobs=True, rewards=True),
+    )
+
+
+def sessions_held(worker_objects) -> int:
+    return sum(w.info().sessions for w in worker_objects)
+
+
+@pytest.mark.parametrize("composition", ["upscaled", "mixed"])
+@pytest.mark.parametrize("mode, k", [(OFF, 0), (FIXED, 1), (FIXED, 4), (ADAPTIVE, 2)])
+def test_greedy_equals_the_reference_loop(service, oracle, quick_family, composition, mode, k):
+    stub, _, worker_objects = service
+    for messages in questions(quick_family, n=3):
+        reply = stub.Generate(ask(messages, composition, mode, k), timeout=60)
+        expected = oracle.generate(composition, messages, SamplingParams(temperature=0, max_tokens=12))
+        assert list(reply.token_ids) == expected.generation.tokens and reply.text == expected.text
+        assert reply.usage.completion_tokens == len(expected.generation.tokens)
+        assert reply.usage.prompt_tokens == len(expected.prompt_ids["large-base"])
+        assert len(reply.rewards) == len(reply.token_ids) and all(len(r.values) == len(oracle.compositions[composition].deltas) for r in reply.rewards)
+        assert (reply.stats.drafted > 0) == (mode != OFF)
+    assert sessions_held(worker_objects) == 0
+
+
+def test_zero_weights_give_the_base_models_own_output(service, oracle, quick_family):
+    stub, _, _ = service
+    messages = questions(quick_family)[1]
+    reply = stub.Generate(ask(messages, weights={"chat": 0.0}, mode=FIXED, k=3), timeout=60)
+    assert list(reply.token_ids) == oracle.generate("large-base", messages, SamplingParams(temperature=0, max_tokens=12)).generation.tokens
+
+
+def test_stream_chunks_add_up_to_the_unary_reply(service, quick_family):
+    stub, _, _ = service
+    request = ask(questions(quick_family)[0], mode=FIXED, k=3, max_tokens=20)
+    unary = stub.Generate(request, timeout=60)
+    chunks = list(stub.GenerateStream(request, timeout=60))
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert all(not c.finish_reason for c in chunks[:-1]) and chunks[-1].finish_reason == unary.finish_reason
+    assert chunks[-1].usage == unary.usage and len(chunks) > 1
+
+
+def test_seeded_sampling_is_the_same_alone_or_among_8_concurrent(service, quick_family):
+    stub, _, _ = service
+    asked = questions(quick_family)
+    mine = ask(asked[0], mode=FIXED, k=2, temperature=1.0, seed=1234, max_tokens=16)
+    alone = stub.Generate(mine, timeout=60)
+    replies = {}
+
+    def call(i):
+        request = mine if i == 0 else ask(asked[i % 4], temperature=1.0, max_tokens=5 + i)
+        replies[i] = stub.Generate(request, timeout=60)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert list(replies[0].token_ids) == list(alone.token_ids)
+
+
+def test_16_concurrent_streams_complete_correctly(service, oracle, quick_family):
+    stub, _, worker_objects = service
+    asked = questions(quick_family)
+    expected = [oracle.generate("upscaled", asked[i % 4], SamplingParams(temperature=0, max_tokens=12)).generation.tokens for i in range(4)]
+    results = {}
+
+    def call(i):
+        chunks = list(stub.GenerateStream(ask(asked[i % 4], mode=(OFF, FIXED, ADAPTIVE)[i % 3], k=3), timeout=60))
+        results[i] = [t for c in chunks for t in c.token_ids]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(results[i] == expected[i % 4] for i in range(16))
+    assert sessions_held(worker_objects) == 0
+
+
+def test_client_cancellation_mid_stream_releases_every_session(service, quick_family):
+    stub, _, worker_objects = service
+    call = stub.GenerateStream(ask(questions(quick_family)[0], "mixed", FIXED, 2, max_tokens=40, stop=["never-said"]), timeout=60)
+    first = next(call)
+    assert first.token_ids
+    call.cancel()
+    _wait_until(lambda: sessions_held(worker_objects) == 0)
+
+
+def test_deadline_expiry_is_deadline_exceeded_and_releases_every_session(service, quick_family):
+    stub, _, worker_objects = service
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(ask(questions(quick_family)[0], max_tokens=40), timeout=0.05)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_until(lambda: sessions_held(worker_objects) == 0)
+
+
+def test_stop_strings_end_the_text_before_them(service, oracle, quick_family):
+    stub, _, _ = service
+    messages = questions(quick_family)[0]
+    full = stub.Generate(ask(messages), timeout=60).text
+    stop = full.split()[2]
+    reply = stub.Generate(ask(messages, stop=[stop]), timeout=60)
+    assert reply.text == full[: full.index(stop)] and reply.finish_reason == eft_pb2.FINISH_REASON_STOP
+
+
+@pytest.mark.parametrize(
+    "request_, code, field",
+    [
+        (eft_pb2.GenerateRequest(composition="nope", text="hi"), grpc.StatusCode.NOT_FOUND, "composition"),
+        (eft_pb2.GenerateRequest(text="hi", sampling=eft_pb2.Sampling(top_p=2.0)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+        (eft_pb2.GenerateRequest(text="hi", sampling=eft_pb2.Sampling(temperature=-1.0)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+        (eft_pb2.GenerateRequest(text="hi", weights={"chatt": 1.0}), grpc.StatusCode.INVALID_ARGUMENT, "weights['chatt']"),
+        (eft_pb2.GenerateRequest(text="hi", weights={"chat": math.nan}), grpc.StatusCode.INVALID_ARGUMENT, "weights['chat']"),
+        (eft_pb2.GenerateRequest(composition="large-base", text="hi", speculation=eft_pb2.Speculation(mode=FIXED)), grpc.StatusCode.INVALID_ARGUMENT, "speculation.mode"),
+        (eft_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (eft_pb2.GenerateRequest(text="hi", sampling=eft_pb2.Sampling(max_tokens=41)), grpc.StatusCode.RESOURCE_EXHAUSTED, "sampling.max_tokens"),
+        (eft_pb2.GenerateRequest(messages=eft_pb2.ChatMessages(messages=[eft_pb2.ChatMessage(role="robot", content="x")])), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
+    ],
+)
+def test_bad_requests_get_precise_statuses(service, request_, code, field):
+    stub, _, _ = service
+    for method in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as error:
+            method(request_, timeout=30)
+        assert error.value.code() == code and field in error.value.details(), error.value.details()
+    assert stub.Generate(eft_pb2.GenerateRequest(text="the capital of", sampling=eft_pb2.Sampling(max_tokens=2)), timeout=30).usage.completion_tokens >= 1
+
+
+def test_health_reflection_and_compositions(service):
+    stub, channel, _ = service
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "eft.v1.EFTService" in {s.name for s in reply.list_services_response.service}
+    listing = stub.ListCompositions(eft_pb2.ListCompositionsRequest(), timeout=10)
+    by_name = {c.name: c for c in listing.compositions}
+    assert listing.default_composition == "upscaled" and by_name["upscaled"].drafter == "small-tuned"
+    assert [(d.name, d.weight) for d in by_name["mixed"].deltas] == [("chat", 0.5), ("safe", 0.5)]
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
