@@ -1,5 +1,6 @@
-# EFT Serve. `make run` sets up .venv, builds the demo family and shows EFT on it;
-# `make test` sets up .venv and runs the test suite.
+# EFT Serve. `make run` sets up .venv, builds the demo family if absent, serves it over gRPC
+# on a local Ray cluster and streams a demo request (Ctrl-C stops); `make test` sets up
+# .venv and runs the test suite.
 #
 # Variables (override on the command line, e.g. `make test TORCH=torch==2.5.1+cu124`):
 #   PYTHON       interpreter that creates .venv (Python >= 3.11)
@@ -20,12 +21,16 @@ STUBS_STAMP := services/pb/.stamp
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .DEFAULT_GOAL := help
-.PHONY: help run test install stubs constraints clean
+.PHONY: help run eval test install stubs constraints clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-run: install stubs  ## build the demo family (cached) and reproduce the EFT paper's results on it
+run: install stubs  ## build the demo family (cached), serve it (gRPC 127.0.0.1:50051), stream a demo request; Ctrl-C stops
+	$(BIN)/eft family build
+	$(BIN)/eft serve --demo
+
+eval: install stubs  ## reproduce the EFT paper's up-scaling and mixing results on the demo family
 	$(BIN)/eft family build
 	$(BIN)/eft eval --json eval.json --plot eval.png
 

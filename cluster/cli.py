@@ -1,5 +1,9 @@
 """The `eft` command line.
 
+    eft serve [--config FILE] [--grpc-port P] [--http-port P] [--demo]
+    eft generate PROMPT [--composition NAME] [--weight NAME=W ...] [--temperature T] [--seed N]
+                 [--max-tokens N] [--speculate K|auto|off] [--stream] [--json] [--address HOST:PORT]
+    eft compositions [--address HOST:PORT]
     eft family build [--out DIR] [--seed N] [--force] [--preset demo|quick]
     eft eval [--family DIR] [--json FILE] [--plot FILE.png] [--sample N] [--limit N]
 """
@@ -63,6 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sample", type=_count, default=0, metavar="N", help="add temperature-1 sampling rows over N questions")
     evaluate.add_argument("--limit", type=_positive, default=None, metavar="N", help="only the first N entities (default: all)")
     evaluate.set_defaults(run=_eval)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve compositions over gRPC on a local Ray cluster",
+        description="Start a local Ray cluster bound to 127.0.0.1 and deploy the configuration (default: the demo family, "
+        "built if absent, with its compositions; `upscaled` is the default). Serves until Ctrl-C.",
+    )
+    serve.add_argument("--config", type=Path, help="YAML serving configuration (see README); default: the demo family")
+    serve.add_argument("--grpc-port", type=int, default=None, help="public gRPC port (default: the config's, 50051)")
+    serve.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP port (default: %(default)s)")
+    serve.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
+    serve.add_argument("--demo", action="store_true", help="once ready, stream one demo request and print it")
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="ask a running server for a completion (gRPC client)", description="Send one request to EFTService.")
+    generate.add_argument("prompt", help="the user message (or plain text with --text)")
+    generate.add_argument("--text", action="store_true", help="send PROMPT as plain text instead of a chat message")
+    generate.add_argument("--composition", default="", help="composition name (default: the server's default)")
+    generate.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="per-request delta weight (repeatable)")
+    generate.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 1)")
+    generate.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
+    generate.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    generate.add_argument("--max-tokens", type=int, default=0, help="tokens at most (default: the server's)")
+    generate.add_argument("--speculate", default="default", metavar="K|auto|off", help="drafts per step, auto (adaptive) or off (default: the server's)")
+    generate.add_argument("--stream", action="store_true", help="print text as it is generated")
+    generate.add_argument("--json", action="store_true", help="print the final response as one JSON object")
+    generate.add_argument("--address", default="127.0.0.1:50051", help="the server (default: %(default)s)")
+    generate.set_defaults(run=_generate)
+
+    listing = commands.add_parser("compositions", help="list a running server's compositions")
+    listing.add_argument("--address", default="127.0.0.1:50051", help="the server (default: %(default)s)")
+    listing.set_defaults(run=_compositions)
     return parser
 
 
@@ -106,6 +142,24 @@ def _eval(args) -> int:
         plot_results(results, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _serve(args) -> int:
+    from cluster.serve_command import serve_until_interrupted
+
+    return serve_until_interrupted(args.config, args.grpc_port, args.http_port, args.num_cpus, args.demo)
+
+
+def _generate(args) -> int:
+    from cluster.client import generate_command
+
+    return generate_command(args)
+
+
+def _compositions(args) -> int:
+    from cluster.client import compositions_command
+
+    return compositions_command(args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
 
     def _stream(self, request, context):
         handle, replies = self.gateway.stream(self.gateway.prepare(request), context.time_remaining())
-        context.add_callback(handle.cancel)  # the client went away or the RPC ended: stop generating
+        if not context.add_callback(handle.cancel):  # the client went away or the RPC ended: stop generating
+            handle.cancel()  # it already had
         return replies
 
 

@@ -29,7 +29,7 @@ def service(quick_family, oracle, tokenizers):
     gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40))
     server, port = create_server(gateway, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield eft_pb2_grpc.EFTServiceStub(channel), channel, worker_objects
+    yield eft_pb2_grpc.EFTServiceStub(channel), channel, worker_objects, scheduler
     channel.close()
     server.stop(grace=None)
     scheduler.close()
@@ -56,7 +56,7 @@ def sessions_held(worker_objects) -> int:
 @pytest.mark.parametrize("composition", ["upscaled", "mixed"])
 @pytest.mark.parametrize("mode, k", [(OFF, 0), (FIXED, 1), (FIXED, 4), (ADAPTIVE, 2)])
 def test_greedy_equals_the_reference_loop(service, oracle, quick_family, composition, mode, k):
-    stub, _, worker_objects = service
+    stub, _, worker_objects, _ = service
     for messages in questions(quick_family, n=3):
         reply = stub.Generate(ask(messages, composition, mode, k), timeout=60)
         expected = oracle.generate(composition, messages, SamplingParams(temperature=0, max_tokens=12))
@@ -69,14 +69,14 @@ def test_greedy_equals_the_reference_loop(service, oracle, quick_family, composi
 
 
 def test_zero_weights_give_the_base_models_own_output(service, oracle, quick_family):
-    stub, _, _ = service
+    stub, _, _, _ = service
     messages = questions(quick_family)[1]
     reply = stub.Generate(ask(messages, weights={"chat": 0.0}, mode=FIXED, k=3), timeout=60)
     assert list(reply.token_ids) == oracle.generate("large-base", messages, SamplingParams(temperature=0, max_tokens=12)).generation.tokens
 
 
 def test_stream_chunks_add_up_to_the_unary_reply(service, quick_family):
-    stub, _, _ = service
+    stub, _, _, _ = service
     request = ask(questions(quick_family)[0], mode=FIXED, k=3, max_tokens=20)
     unary = stub.Generate(request, timeout=60)
     chunks = list(stub.GenerateStream(request, timeout=60))
@@ -87,7 +87,7 @@ def test_stream_chunks_add_up_to_the_unary_reply(service, quick_family):
 
 
 def test_seeded_sampling_is_the_same_alone_or_among_8_concurrent(service, quick_family):
-    stub, _, _ = service
+    stub, _, _, _ = service
     asked = questions(quick_family)
     mine = ask(asked[0], mode=FIXED, k=2, temperature=1.0, seed=1234, max_tokens=16)
     alone = stub.Generate(mine, timeout=60)
@@ -106,7 +106,7 @@ def test_seeded_sampling_is_the_same_alone_or_among_8_concurrent(service, quick_
 
 
 def test_16_concurrent_streams_complete_correctly(service, oracle, quick_family):
-    stub, _, worker_objects = service
+    stub, _, worker_objects, _ = service
     asked = questions(quick_family)
     expected = [oracle.generate("upscaled", asked[i % 4], SamplingParams(temperature=0, max_tokens=12)).generation.tokens for i in range(4)]
     results = {}
@@ -125,7 +125,7 @@ def test_16_concurrent_streams_complete_correctly(service, oracle, quick_family)
 
 
 def test_client_cancellation_mid_stream_releases_every_session(service, quick_family):
-    stub, _, worker_objects = service
+    stub, _, worker_objects, _ = service
     call = stub.GenerateStream(ask(questions(quick_family)[0], "mixed", FIXED, 2, max_tokens=40, stop=["never-said"]), timeout=60)
     first = next(call)
     assert first.token_ids
@@ -134,15 +134,17 @@ def test_client_cancellation_mid_stream_releases_every_session(service, quick_fa
 
 
 def test_deadline_expiry_is_deadline_exceeded_and_releases_every_session(service, quick_family):
-    stub, _, worker_objects = service
-    with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(ask(questions(quick_family)[0], max_tokens=40), timeout=0.05)
-    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_until(lambda: sessions_held(worker_objects) == 0)
+    stub, _, worker_objects, scheduler = service
+    with worker_objects[0].lock:  # stall the base worker: the request cannot finish in time
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Generate(ask(questions(quick_family)[0], max_tokens=40), timeout=0.5)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert scheduler.counts == (1, 0)  # admitted, and stuck in a step
+    _wait_until(lambda: scheduler.counts == (0, 0) and sessions_held(worker_objects) == 0)
 
 
 def test_stop_strings_end_the_text_before_them(service, oracle, quick_family):
-    stub, _, _ = service
+    stub, _, _, _ = service
     messages = questions(quick_family)[0]
     full = stub.Generate(ask(messages), timeout=60).text
     stop = full.split()[2]
@@ -165,7 +167,7 @@ def test_stop_strings_end_the_text_before_them(service, oracle, quick_family):
     ],
 )
 def test_bad_requests_get_precise_statuses(service, request_, code, field):
-    stub, _, _ = service
+    stub, _, _, _ = service
     for method in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
         with pytest.raises(grpc.RpcError) as error:
             method(request_, timeout=30)
@@ -174,7 +176,7 @@ def test_bad_requests_get_precise_statuses(service, request_, code, field):
 
 
 def test_health_reflection_and_compositions(service):
-    stub, channel, _ = service
+    stub, channel, _, _ = service
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
     reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))

@@ -1,0 +1,130 @@
+"""The serving configuration: validated pydantic models (unknown keys are errors), loadable
+from YAML. Cross-field rules live in model validators; the tokenizer check loads each
+composition's tokenizers (not the weights) and refuses a mismatch naming both models."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.family.compositions import family_compositions
+from services.family.recipe import default_family_dir
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="local folder or Hugging Face hub id, loaded with from_pretrained")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
+    device: str = Field("cpu", description="cpu, or cuda (the replica's GPU)")
+
+
+class WorkerGroupConfig(_Strict):
+    name: str = Field(description="deployment name of this worker group")
+    models: list[str] = Field(min_length=1, description="models this worker hosts (a base alone, or a tuned/reference pair)")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine)")
+    max_sessions: int = Field(256, ge=1, description="(session, model) caches held at once")
+    max_cached_tokens: int = Field(1 << 20, ge=1, description="tokens held over all caches")
+
+
+class DeltaConfig(_Strict):
+    name: str = Field(description="the name per-request weights use")
+    tuned: str = Field(description="the tuned model")
+    reference: str = Field(description="the model it was tuned from")
+    weight: float = Field(1.0, description="default weight")
+
+
+class CompositionConfig(_Strict):
+    name: str = Field(description="the name requests use")
+    base: str = Field(description="the base model")
+    deltas: list[DeltaConfig] = Field(default_factory=list, description="behaviour deltas")
+    drafter: str | None = Field(None, description="speculative drafter (default: the first delta's tuned model)")
+
+
+class LimitsConfig(_Strict):
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest rendered prompt")
+    max_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request sets none")
+    max_stop_strings: int = Field(8, ge=0, description="stop strings per request")
+    max_weight_magnitude: float = Field(10.0, gt=0, description="largest |weight| per delta")
+    default_draft_k: int = Field(4, ge=0, description="drafts per step when a request does not say (0: off)")
+    max_running: int = Field(32, ge=1, description="requests decoded together")
+    max_waiting: int = Field(256, ge=0, description="requests queued beyond that (then RESOURCE_EXHAUSTED)")
+
+
+class ServeConfig(_Strict):
+    models: dict[str, ModelConfig] = Field(description="every model, by name")
+    worker_groups: list[WorkerGroupConfig] = Field(description="which models share a worker")
+    compositions: list[CompositionConfig] = Field(min_length=1, description="what clients can ask for")
+    default_composition: str = Field(description="used when a request names none")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="per-request limits")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="public gRPC port (EFTService)")
+    host: str = Field("127.0.0.1", description="address the public port binds")
+    gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for the gateway/coordinator replica")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ServeConfig":
+        names = [g.name for g in self.worker_groups]
+        _unique(names, "worker_groups", "name")
+        placed = [m for g in self.worker_groups for m in g.models]
+        for i, group in enumerate(self.worker_groups):
+            for model in group.models:
+                if model not in self.models:
+                    raise ValueError(f"worker_groups[{i}].models: unknown model {model!r} (models: {sorted(self.models)})")
+        for model in self.models:
+            if placed.count(model) != 1:
+                raise ValueError(f"models.{model}: must be in exactly one worker group, is in {placed.count(model)}")
+        _unique([c.name for c in self.compositions], "compositions", "name")
+        for i, composition in enumerate(self.compositions):
+            for field, model in [("base", composition.base), ("drafter", composition.drafter)] + [(f"deltas[{j}].{r}", getattr(d, r)) for j, d in enumerate(composition.deltas) for r in ("tuned", "reference")]:
+                if model is not None and model not in self.models:
+                    raise ValueError(f"compositions[{i}].{field}: unknown model {model!r} (models: {sorted(self.models)})")
+        if self.default_composition not in {c.name for c in self.compositions}:
+            raise ValueError(f"default_composition: no composition {self.default_composition!r}")
+        return self
+
+
+def _unique(values: list[str], where: str, field: str) -> None:
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise ValueError(f"{where}[{i}].{field}: duplicate {value!r}")
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return ServeConfig.model_validate(data)
+
+
+def check_tokenizers(config: ServeConfig) -> None:
+    """Every composition's models must share one tokenizer: refuse naming both models."""
+    from transformers import AutoTokenizer
+
+    from services.prompts import tokenizer_fingerprint
+
+    fingerprints = {name: tokenizer_fingerprint(AutoTokenizer.from_pretrained(m.path)) for name, m in config.models.items()}
+    for i, composition in enumerate(config.compositions):
+        members = [composition.base] + [m for d in composition.deltas for m in (d.tuned, d.reference)] + ([composition.drafter] if composition.drafter else [])
+        for model in members:
+            if fingerprints[model] != fingerprints[composition.base]:
+                raise ValueError(f"compositions[{i}] ({composition.name!r}): {model!r} and {composition.base!r} have different tokenizers; all models of a composition must share one")
+
+
+def demo_config(family_dir: Path | None = None, grpc_port: int = 50051) -> ServeConfig:
+    """The demo family's compositions under their names, ``upscaled`` the default."""
+    family = Path(family_dir or default_family_dir())
+    names = ["large-base", "large-tuned", "small-base", "small-tuned", "small-safe"]
+    compositions = [
+        CompositionConfig(name=c.name, base=c.base, deltas=[DeltaConfig(name=d.name, tuned=d.tuned, reference=d.reference, weight=d.weight) for d in c.deltas], drafter=c.drafter)
+        for c in family_compositions().values()
+    ]
+    return ServeConfig(
+        models={n: ModelConfig(path=str(family / n)) for n in names},
+        worker_groups=[WorkerGroupConfig(name="base", models=["large-base", "large-tuned"]), WorkerGroupConfig(name="pair", models=["small-base", "small-tuned", "small-safe"])],
+        compositions=compositions,
+        default_composition="upscaled",
+        grpc_port=grpc_port,
+    )

@@ -1,0 +1,45 @@
+"""Starting the application on a local Ray cluster bound to 127.0.0.1."""
+
+import os
+from dataclasses import dataclass
+
+from cluster.config import ServeConfig
+
+
+@dataclass
+class LocalDeployment:
+    address: str  # the public EFTService, host:port
+    handle: object  # the gateway deployment's handle
+
+    def worker_sessions(self) -> dict[str, int]:
+        """Sessions each worker group holds now (for tests and checks)."""
+        from ray import serve
+
+        from cluster.app import APP_NAME
+
+        status = serve.status().applications[APP_NAME].deployments
+        names = [n for n in status if n.startswith("worker-")]
+        return {n: serve.get_deployment_handle(n, APP_NAME).sessions.remote().result() for n in names}
+
+
+def start_local(config: ServeConfig, num_cpus: int | None = None, http_port: int = 8000) -> LocalDeployment:
+    """Start Ray (loopback only, no dashboard) and Serve, deploy, and wait until ready."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1 (ENVIRONMENT.md)
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_app
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    handle = serve.run(build_app(config), name=APP_NAME, blocking=False)
+    return LocalDeployment(handle.address.remote().result(), handle)
+
+
+def stop_local() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

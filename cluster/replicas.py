@@ -1,0 +1,84 @@
+"""The replica classes Ray Serve hosts: plain classes around the services (the builder in
+cluster/app.py turns them into deployments).
+
+- WorkerReplica: one worker group's models behind the ModelWorker gRPC service, on this
+  node's address (the coordinator reaches workers over gRPC, never through Ray).
+- GatewayReplica: the coordinator (engine and scheduler) and the gateway, serving the public
+  EFTService on the configured port. Sessions live on worker replicas, so each worker group
+  runs one replica that the coordinator addresses directly.
+"""
+
+import logging
+
+from transformers import AutoTokenizer
+
+from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig
+from eft_core import Composition, Delta
+from services.coordinator.engine import Engine
+from services.coordinator.scheduler import Scheduler
+from services.gateway.gateway import Gateway, Limits
+from services.gateway.server import create_server as create_gateway_server
+from services.prompts import check_shared_tokenizer
+from services.wire import DTYPE_NAMES
+from services.worker.client import GrpcWorkerClient
+from services.worker.server import create_server as create_worker_server
+from services.worker.worker import ModelWorker, load_hosted_model
+
+log = logging.getLogger(__name__)
+
+
+def node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class WorkerReplica:
+    def __init__(self, group: dict, models: dict[str, dict]):
+        group = WorkerGroupConfig.model_validate(group)
+        hosted = []
+        for name in group.models:
+            model = ModelConfig.model_validate(models[name])
+            device = "cuda:0" if model.device.startswith("cuda") else model.device  # a replica sees its own GPU as 0
+            hosted.append(load_hosted_model(name, model.path, DTYPE_NAMES[model.dtype], device))
+        self.worker = ModelWorker(hosted, group.max_sessions, group.max_cached_tokens)
+        host = node_address()
+        self.server, port = create_worker_server(self.worker, f"{host}:0")
+        self.address_ = f"{host}:{port}"
+        log.info("worker group %r serving %s on %s", group.name, group.models, self.address_)
+
+    def address(self) -> str:
+        return self.address_
+
+    def sessions(self) -> int:
+        return self.worker.info().sessions
+
+
+class GatewayReplica:
+    async def __init__(self, config: dict, workers: dict):  # Ray Serve awaits an async constructor
+        config = ServeConfig.model_validate(config)
+        addresses = {group: await handle.address.remote() for group, handle in workers.items()}
+        clients = {group: GrpcWorkerClient(address) for group, address in addresses.items()}
+        placement = {model: clients[g.name] for g in config.worker_groups for model in g.models}
+        tokenizers = {name: AutoTokenizer.from_pretrained(m.path) for name, m in config.models.items()}
+        compositions = {c.name: _composition(c) for c in config.compositions}
+        vocab_size = check_shared_tokenizer(tokenizers)  # one engine, one vocabulary
+        limits = config.limits
+        self.scheduler = Scheduler(Engine(placement, vocab_size), limits.max_running, limits.max_waiting)
+        gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
+        gateway = Gateway(compositions, tokenizers, self.scheduler, config.default_composition, gateway_limits)
+        self.server, port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}")
+        self.address_ = f"{config.host}:{port}"
+        log.info("EFTService on %s, workers %s", self.address_, addresses)
+
+    def address(self) -> str:
+        return self.address_
+
+    def check_health(self) -> None:
+        if not self.scheduler.thread.is_alive():
+            raise RuntimeError("the scheduler loop has stopped")
+
+
+def _composition(config) -> Composition:
+    deltas = tuple(Delta(d.name, d.tuned, d.reference, d.weight) for d in config.deltas)
+    return Composition(config.name, config.base, deltas, config.drafter)

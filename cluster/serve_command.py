@@ -1,0 +1,69 @@
+"""`eft serve`: deploy on a local Ray cluster, print the endpoint, serve until Ctrl-C."""
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from cluster.config import ServeConfig, check_tokenizers, demo_config, load_config
+
+
+def serve_until_interrupted(config_path: Path | None, grpc_port: int | None, http_port: int, num_cpus: int | None, demo: bool) -> int:
+    config = _config(config_path, grpc_port)
+    print("checking that every composition's models share a tokenizer ...", flush=True)
+    check_tokenizers(config)
+    print(f"starting a local Ray cluster (127.0.0.1) and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
+    from cluster.launcher import start_local, stop_local
+
+    started = time.perf_counter()
+    deployment = start_local(config, num_cpus=num_cpus, http_port=http_port)
+    names = ", ".join(c.name for c in config.compositions)
+    print(f"EFT Serve ready in {time.perf_counter() - started:.0f} s: gRPC eft.v1.EFTService at {deployment.address}", flush=True)
+    print(f"compositions: {names} (default {config.default_composition})", flush=True)
+    print(f"try: eft generate 'what is the capital of ...' --address {deployment.address} --stream", flush=True)
+    if demo:
+        _demo_request(deployment.address, config)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print("serving; Ctrl-C stops", flush=True)
+    stop.wait()
+    print("stopping ...", flush=True)
+    stop_local()
+    return 0
+
+
+def _config(path: Path | None, grpc_port: int | None) -> ServeConfig:
+    if path is not None:
+        config = load_config(path)
+    else:
+        from services.family.build import build_family
+
+        family = build_family()
+        config = demo_config(family.path)
+    return config.model_copy(update={"grpc_port": grpc_port}) if grpc_port is not None else config
+
+
+def _demo_request(address: str, config: ServeConfig) -> None:
+    from cluster.client import acceptance_line, stream_reply
+    from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+
+    question = _demo_question(config)
+    request = eft_pb2.GenerateRequest(sampling=eft_pb2.Sampling(temperature=0.0, max_tokens=24))
+    request.messages.messages.add(role="user", content=question)
+    print(f"\ndemo request to {config.default_composition!r}: {question}\n> ", end="", flush=True)
+    with grpc.insecure_channel(address) as channel:
+        reply = stream_reply(eft_pb2_grpc.EFTServiceStub(channel), request, lambda text: print(text, end="", flush=True))
+    print(f"\n{acceptance_line(reply)}\n", flush=True)
+
+
+def _demo_question(config: ServeConfig) -> str:
+    import json
+
+    world = Path(config.models[config.compositions[0].base].path).parent / "world.json"
+    if world.is_file():
+        entity = json.loads(world.read_text())["entities"][-1]
+        return f"what is the capital of {entity} ?"
+    return "hello"

@@ -1,0 +1,51 @@
+import pytest
+import yaml
+from pydantic import ValidationError
+from transformers import AutoTokenizer
+
+from cluster.config import ServeConfig, check_tokenizers, demo_config, load_config
+
+
+def demo_dict(family) -> dict:
+    return demo_config(family.path).model_dump()
+
+
+def test_the_demo_config_round_trips_through_yaml(quick_family, tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(demo_dict(quick_family)))
+    config = load_config(path)
+    assert config == demo_config(quick_family.path)
+    assert config.default_composition == "upscaled" and [g.name for g in config.worker_groups] == ["base", "pair"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(grpc_prot=1), "grpc_prot"),  # a typo'd key
+        (lambda d: d["limits"].update(max_tokenz=3), "max_tokenz"),
+        (lambda d: d["models"]["large-base"].update(dtyp="float16"), "dtyp"),
+        (lambda d: d["compositions"][0].update(base="huge-base"), "compositions[0].base: unknown model 'huge-base'"),
+        (lambda d: d["compositions"][4]["deltas"][1].update(tuned="small-unsafe"), "compositions[4].deltas[1].tuned: unknown model 'small-unsafe'"),
+        (lambda d: d["worker_groups"][1]["models"].remove("small-safe"), "models.small-safe: must be in exactly one worker group, is in 0"),
+        (lambda d: d.update(default_composition="nope"), "default_composition: no composition 'nope'"),
+        (lambda d: d["compositions"].append(dict(d["compositions"][0])), "compositions[5].name: duplicate 'upscaled'"),
+        (lambda d: d["models"]["large-base"].update(dtype="float8"), "dtype"),
+    ],
+)
+def test_bad_configs_fail_at_load_with_a_precise_message(quick_family, edit, message):
+    data = demo_dict(quick_family)
+    edit(data)
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        ServeConfig.model_validate(data)
+
+
+def test_mismatched_tokenizers_are_refused_naming_both_models(quick_family, tmp_path):
+    odd = tmp_path / "small-odd"
+    tokenizer = AutoTokenizer.from_pretrained(quick_family.model_path("small-tuned"))
+    tokenizer.add_tokens(["a-word-the-others-lack"])
+    tokenizer.save_pretrained(odd)
+    data = demo_dict(quick_family)
+    data["models"]["small-tuned"]["path"] = str(odd)
+    with pytest.raises(ValueError, match="'small-tuned' and 'large-base' have different tokenizers"):
+        check_tokenizers(ServeConfig.model_validate(data))
+    check_tokenizers(demo_config(quick_family.path))  # the real family passes

@@ -1,0 +1,90 @@
+"""The Ray Serve application on a local Ray cluster (127.0.0.1), deployed once for the module."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cluster.config import demo_config
+from cluster.launcher import start_local, stop_local
+from eft_core import SamplingParams
+from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+
+EFT = str(Path(sys.executable).parent / "eft")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def deployment(quick_family):
+    deployed = start_local(demo_config(quick_family.path, grpc_port=0), num_cpus=2, http_port=free_port())
+    yield deployed
+    stop_local()
+
+
+@pytest.fixture(scope="module")
+def stub(deployment):
+    with grpc.insecure_channel(deployment.address) as channel:
+        yield eft_pb2_grpc.EFTServiceStub(channel), channel
+
+
+def chat(question: str, **sampling) -> eft_pb2.GenerateRequest:
+    request = eft_pb2.GenerateRequest(sampling=eft_pb2.Sampling(**sampling), return_options=eft_pb2.ReturnOptions(token_ids=True))
+    request.messages.messages.add(role="user", content=question)
+    return request
+
+
+def test_health_and_reflection(stub):
+    _, channel = stub
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="eft.v1.EFTService"), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "eft.v1.EFTService" in {s.name for s in reply.list_services_response.service}
+
+
+@pytest.mark.parametrize("mode", [eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED])
+def test_greedy_through_ray_serve_equals_the_reference_loop(stub, oracle, quick_family, mode):
+    service, _ = stub
+    question = f"what is the capital of {quick_family.world().entities[0]} ?"
+    request = chat(question, temperature=0.0, max_tokens=12)
+    request.speculation.mode, request.speculation.k = mode, 4
+    reply = service.Generate(request, timeout=60)
+    expected = oracle.generate("upscaled", [{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=12))
+    assert list(reply.token_ids) == expected.generation.tokens and reply.text == expected.text
+
+
+def test_cancelled_stream_releases_the_worker_sessions(stub, deployment, quick_family):
+    service, _ = stub
+    call = service.GenerateStream(chat(f"what is the animal of {quick_family.world().entities[1]} ?", temperature=1.0, max_tokens=40), timeout=60)
+    assert next(call).token_ids
+    call.cancel()
+    deadline = time.monotonic() + 15
+    while any(deployment.worker_sessions().values()):
+        assert time.monotonic() < deadline, deployment.worker_sessions()
+        time.sleep(0.2)
+
+
+def test_eft_generate_and_compositions_talk_to_the_server(deployment, quick_family):
+    question = f"what is the color of {quick_family.world().entities[2]} ?"
+    env = {**os.environ, "COLUMNS": "250"}
+    result = subprocess.run([EFT, "generate", question, "--address", deployment.address, "--temperature", "0", "--max-tokens", "8", "--speculate", "3", "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert {"text", "token_ids", "finish_reason", "usage", "stats"} <= set(reply)
+    assert reply["usage"]["completion_tokens"] == len(reply["token_ids"]) > 0 and reply["stats"]["draft_tokens"] > 0
+    listing = subprocess.run([EFT, "compositions", "--address", deployment.address], capture_output=True, text=True, timeout=60)
+    assert "upscaled: large-base + 1 x (small-tuned - small-base) [chat]; drafter small-tuned  (default)" in listing.stdout
+    bad = subprocess.run([EFT, "generate", "hi", "--address", deployment.address, "--composition", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
