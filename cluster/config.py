@@ -26,7 +26,8 @@ class WorkerGroupConfig(_Strict):
     name: str = Field(description="deployment name of this worker group")
     models: list[str] = Field(min_length=1, description="models this worker hosts (a base alone, or a tuned/reference pair)")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica")
-    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine; tp for a tensor-parallel group)")
+    tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")
     max_sessions: int = Field(256, ge=1, description="(session, model) caches held at once")
     max_cached_tokens: int = Field(1 << 20, ge=1, description="tokens held over all caches")
 
@@ -70,6 +71,9 @@ class ServeConfig(_Strict):
     def _cross_checks(self) -> "ServeConfig":
         names = [g.name for g in self.worker_groups]
         _unique(names, "worker_groups", "name")
+        for i, group in enumerate(self.worker_groups):
+            if group.tp > 1 and len(group.models) != 1:
+                raise ValueError(f"worker_groups[{i}].tp: a tensor-parallel group hosts exactly one model, {group.name!r} has {len(group.models)}")
         placed = [m for g in self.worker_groups for m in g.models]
         for i, group in enumerate(self.worker_groups):
             for model in group.models:

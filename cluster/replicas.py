@@ -22,6 +22,7 @@ from services.prompts import check_shared_tokenizer
 from services.wire import DTYPE_NAMES
 from services.worker.client import GrpcWorkerClient
 from services.worker.server import create_server as create_worker_server
+from services.worker.tensor_parallel import start_tensor_parallel_worker
 from services.worker.worker import ModelWorker, load_hosted_model
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,14 @@ def node_address() -> str:
 class WorkerReplica:
     def __init__(self, group: dict, models: dict[str, dict]):
         group = WorkerGroupConfig.model_validate(group)
-        hosted = []
-        for name in group.models:
-            model = ModelConfig.model_validate(models[name])
-            device = "cuda:0" if model.device.startswith("cuda") else model.device  # a replica sees its own GPU as 0
-            hosted.append(load_hosted_model(name, model.path, DTYPE_NAMES[model.dtype], device))
-        self.worker = ModelWorker(hosted, group.max_sessions, group.max_cached_tokens)
+        configs = {name: ModelConfig.model_validate(models[name]) for name in group.models}
+        self.followers = []
+        if group.tp > 1:  # this replica is rank 0; ranks 1.. are its child processes
+            (name, model), = configs.items()
+            self.worker, self.followers = start_tensor_parallel_worker(name, model.path, group.tp, model.dtype, model.device, group.max_sessions, group.max_cached_tokens)
+        else:
+            hosted = [load_hosted_model(name, m.path, DTYPE_NAMES[m.dtype], _replica_device(m.device)) for name, m in configs.items()]
+            self.worker = ModelWorker(hosted, group.max_sessions, group.max_cached_tokens)
         host = node_address()
         self.server, port = create_worker_server(self.worker, f"{host}:0")
         self.address_ = f"{host}:{port}"
@@ -52,6 +55,14 @@ class WorkerReplica:
 
     def sessions(self) -> int:
         return self.worker.info().sessions
+
+    def __del__(self):
+        if self.followers:
+            self.worker.stop_followers()
+
+
+def _replica_device(device: str) -> str:
+    return "cuda:0" if device.startswith("cuda") else device  # a replica sees its own GPU as 0
 
 
 class GatewayReplica:

@@ -10,7 +10,6 @@ command; rank 0 serves gRPC, the others follow it (services/worker/tensor_parall
 import argparse
 import logging
 import signal
-import socket
 import subprocess
 import sys
 
@@ -75,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for the (single) model, one process each (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by rank 0 for its followers
     parser.add_argument("--master-port", type=int, default=None, help=argparse.SUPPRESS)
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = [_model_spec(parser, spec) for spec in args.model]
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tp must be >= 1, and a tensor-parallel worker hosts exactly one model")
     try:
         if args.tp > 1:
-            return _serve_tensor_parallel(args, argv, *specs[0])
+            return _serve_tensor_parallel(args, *specs[0])
         models = [load_hosted_model(name, path, DTYPE_NAMES[args.dtype], args.device) for name, path in specs]
     except EFTError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -112,20 +110,13 @@ def _serve(worker: ModelWorker, address: str, on_stop=lambda: None) -> None:
     server.wait_for_termination()
 
 
-def _serve_tensor_parallel(args, argv: list[str], name: str, path: str) -> int:
-    from services.worker.tensor_parallel import TensorParallelWorker, follow, init_rank, load_tensor_parallel_model
+def _serve_tensor_parallel(args, name: str, path: str) -> int:
+    from services.worker.tensor_parallel import run_follower, start_tensor_parallel_worker
 
-    followers = []
-    if args.rank is None:  # rank 0 starts the others
-        args.rank, args.master_port = 0, _free_port()
-        command = [sys.executable, "-m", "services.worker.server", *argv, "--master-port", str(args.master_port)]
-        followers = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.DEVNULL) for rank in range(1, args.tp)]
-    device = init_rank(args.rank, args.tp, args.master_port, args.device)
-    hosted = load_tensor_parallel_model(name, path, args.tp, DTYPE_NAMES[args.dtype], device)
-    if args.rank > 0:
-        follow(ModelWorker([hosted], args.max_sessions, args.max_cached_tokens))
+    if args.rank is not None:  # started by rank 0
+        run_follower(name, path, args.tp, args.rank, args.master_port, args.dtype, args.device, args.max_sessions, args.max_cached_tokens)
         return 0
-    worker = TensorParallelWorker([hosted], args.max_sessions, args.max_cached_tokens)
+    worker, followers = start_tensor_parallel_worker(name, path, args.tp, args.dtype, args.device, args.max_sessions, args.max_cached_tokens)
     try:
         _serve(worker, args.address, on_stop=worker.stop_followers)
     finally:
@@ -135,12 +126,6 @@ def _serve_tensor_parallel(args, argv: list[str], name: str, path: str) -> int:
             except subprocess.TimeoutExpired:
                 follower.kill()
     return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

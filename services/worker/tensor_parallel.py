@@ -12,6 +12,9 @@ LOCAL_SIZE equal to the world size in every rank (ENVIRONMENT.md); on GPUs, nccl
 import logging
 import os
 import random
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import timedelta
 
@@ -110,6 +113,38 @@ def follow(worker: ModelWorker) -> None:
                 worker._release(list(request.session_ids))
         except EFTError:
             pass  # rank 0 refused the same call the same way and told its client
+
+
+def start_tensor_parallel_worker(name: str, path: str, tp: int, dtype_name: str, device: str, max_sessions: int, max_cached_tokens: int) -> tuple["TensorParallelWorker", list[subprocess.Popen]]:
+    """Become rank 0 of a ``tp``-rank group for one model: start ranks 1..tp-1 as processes
+    (``python -m services.worker.server ... --rank r``), join them, shard, and return the
+    worker to serve and the follower processes."""
+    from services.wire import DTYPE_NAMES
+
+    master_port = _free_port()
+    command = [
+        sys.executable, "-m", "services.worker.server", "--model", f"{name}={path}", "--tp", str(tp), "--dtype", dtype_name,
+        "--device", device, "--max-sessions", str(max_sessions), "--max-cached-tokens", str(max_cached_tokens), "--master-port", str(master_port),
+    ]  # fmt: skip
+    followers = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.DEVNULL) for rank in range(1, tp)]
+    rank_device = init_rank(0, tp, master_port, device)
+    hosted = load_tensor_parallel_model(name, path, tp, DTYPE_NAMES[dtype_name], rank_device)
+    return TensorParallelWorker([hosted], max_sessions, max_cached_tokens), followers
+
+
+def run_follower(name: str, path: str, tp: int, rank: int, master_port: int, dtype_name: str, device: str, max_sessions: int, max_cached_tokens: int) -> None:
+    """Ranks > 0: join, shard, and follow rank 0 until it stops."""
+    from services.wire import DTYPE_NAMES
+
+    rank_device = init_rank(rank, tp, master_port, device)
+    hosted = load_tensor_parallel_model(name, path, tp, DTYPE_NAMES[dtype_name], rank_device)
+    follow(ModelWorker([hosted], max_sessions, max_cached_tokens))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _broadcast(opcode: int, message) -> None:

@@ -30,6 +30,7 @@ def test_the_demo_config_round_trips_through_yaml(quick_family, tmp_path):
         (lambda d: d.update(default_composition="nope"), "default_composition: no composition 'nope'"),
         (lambda d: d["compositions"].append(dict(d["compositions"][0])), "compositions[5].name: duplicate 'upscaled'"),
         (lambda d: d["models"]["large-base"].update(dtype="float8"), "dtype"),
+        (lambda d: d["worker_groups"][0].update(tp=2), "worker_groups[0].tp: a tensor-parallel group hosts exactly one model"),
     ],
 )
 def test_bad_configs_fail_at_load_with_a_precise_message(quick_family, edit, message):

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.config import demo_config
+from cluster.config import ServeConfig, demo_config
 from cluster.launcher import start_local, stop_local
 from eft_core import SamplingParams
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
@@ -29,7 +29,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def deployment(quick_family):
-    deployed = start_local(demo_config(quick_family.path, grpc_port=0), num_cpus=2, http_port=free_port())
+    """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group."""
+    config = demo_config(quick_family.path, grpc_port=0).model_dump()
+    config["worker_groups"][0]["models"] = ["large-base"]
+    config["worker_groups"].append({"name": "tuned-tp", "models": ["large-tuned"], "tp": 2})
+    deployed = start_local(ServeConfig.model_validate(config), num_cpus=2, http_port=free_port())
     yield deployed
     stop_local()
 
@@ -63,6 +67,16 @@ def test_greedy_through_ray_serve_equals_the_reference_loop(stub, oracle, quick_
     reply = service.Generate(request, timeout=60)
     expected = oracle.generate("upscaled", [{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=12))
     assert list(reply.token_ids) == expected.generation.tokens and reply.text == expected.text
+
+
+def test_a_tensor_parallel_worker_group_serves_like_one_process(stub, oracle, quick_family):
+    service, _ = stub
+    question = f"what is the color of {quick_family.world().entities[3]} ?"
+    request = chat(question, temperature=0.0, max_tokens=12)
+    request.composition = "large-tuned"
+    reply = service.Generate(request, timeout=60)
+    expected = oracle.generate("large-tuned", [{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=12))
+    assert list(reply.token_ids) == expected.generation.tokens
 
 
 def test_cancelled_stream_releases_the_worker_sessions(stub, deployment, quick_family):
