@@ -49,6 +49,7 @@ class EngineRequest:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     unsent: dict[str, list[int]] = field(default_factory=dict)  # session key -> tokens its cache lacks
     cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds
+    placement: dict[str, WorkerClient] = field(default_factory=dict)  # model -> the replica holding its caches
 
     def __post_init__(self):
         self.generator = seeded_generator(self.params.seed) if self.params.seed is not None else None
@@ -71,14 +72,22 @@ MAX_ADAPTIVE_K = 8
 
 
 class Engine:
-    def __init__(self, workers: Mapping[str, WorkerClient], vocab_size: int, logits_dtype: torch.dtype = torch.float32):
-        self.workers = dict(workers)  # model name -> the client of the worker hosting it
+    """``workers`` maps each model to the client of the worker hosting it, or to a list of
+    clients, one per replica of its worker group (models of one group share one list).
+    A request is placed on one replica per group when it starts and stays there."""
+
+    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_size: int, logits_dtype: torch.dtype = torch.float32):
+        self.replicas = {m: w if isinstance(w, list) else [w] for m, w in workers.items()}
         self.vocab_size, self.logits_dtype = vocab_size, logits_dtype
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
+        self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
 
     def step(self, requests: list[EngineRequest]) -> None:
         """Advance every unfinished request by one iteration."""
         active = [r for r in requests if not r.done]
+        for r in active:
+            if not r.placement:
+                self._place(r)
         ks = {r.id: r.next_k() for r in active}
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         scored = self._score([r for r in active if not r.done], drafted)
@@ -86,18 +95,31 @@ class Engine:
         for r in active:
             if not r.done:
                 emitted = self._decide(r, scored[r.id], drafted.get(r.id))
-                truncations += [] if r.done else self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)
-        self._gather([self.pool.submit(self.workers[model].truncate, session, model, keep) for model, session, keep in truncations])
+                truncations += [] if r.done else [(r.placement[m], s, m, n) for m, s, n in self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)]
+        self._gather([self.pool.submit(client.truncate, session, model, keep) for client, session, model, keep in truncations])
         self.release([r for r in active if r.done])
 
     def release(self, requests: list[EngineRequest]) -> None:
         """Free every worker session the requests hold (idempotent)."""
-        ids = [s for r in requests for s in (r.id, r.id + _DRAFT)]
-        if ids:
-            clients = {client: None for client in self.workers.values()}
-            self._gather([self.pool.submit(client.release, ids) for client in clients])
+        by_client = defaultdict(list)
         for r in requests:
+            for client in dict.fromkeys(r.placement.values()):
+                by_client[client] += [r.id, r.id + _DRAFT]
+                self.load[client] -= 1
+            r.placement = {}
             r.cached.clear()
+        self._gather([self.pool.submit(client.release, ids) for client, ids in by_client.items()])
+
+    def _place(self, r: EngineRequest) -> None:
+        """One replica per worker group for the request's models: the least loaded."""
+        chosen = {}
+        for model in r.composition.models:
+            group = self.replicas[model]
+            if id(group) not in chosen:
+                chosen[id(group)] = min(group, key=lambda client: self.load[client])
+            r.placement[model] = chosen[id(group)]
+        for client in dict.fromkeys(r.placement.values()):
+            self.load[client] += 1
 
     # --- the phases ----------------------------------------------------------------------
 
@@ -105,7 +127,7 @@ class Engine:
         calls = defaultdict(list)
         for r in requests:
             drafter = r.composition.drafter_model
-            calls[self.workers[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params)))
+            calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params)))
         results = {}
         for r, answer in self._call_all(calls, lambda client, items: client.draft(items, self.logits_dtype)):
             results[r.id] = (answer.draft_tokens, answer.logits)
@@ -117,7 +139,7 @@ class Engine:
         for r in requests:
             drafts = drafted.get(r.id, ([], None))[0]
             for model in r.composition.scored_models:
-                calls[self.workers[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, num_logits=len(drafts) + 1)))
+                calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, num_logits=len(drafts) + 1)))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, lambda client, items: client.extend(items, self.logits_dtype), with_items=True):
             results[r.id][item.model] = answer.logits

@@ -82,3 +82,28 @@ def test_every_cache_plus_its_unsent_tokens_is_the_whole_sequence(workers, oracl
                 assert r.cached[key] + len(r.unsent[key]) == len(r.prompts[model]) + len(r.tokens), (r.id, key)
                 checked += 1
     assert checked > 20
+
+
+def test_requests_spread_over_replicas_and_stay_on_theirs(quick_family, oracle, tokenizers):
+    """Two replicas of the pair group: requests are placed on the least loaded one and every
+    step of a request goes to the replica that holds its caches."""
+    from services.worker.client import InProcessWorkerClient
+    from services.worker.worker import ModelWorker, load_hosted_model
+
+    def load(names):
+        return ModelWorker([load_hosted_model(n, quick_family.model_path(n)) for n in names])
+
+    base, pairs = load(["large-base", "large-tuned"]), [load(["small-base", "small-tuned", "small-safe"]) for _ in range(2)]
+    pair_clients = [InProcessWorkerClient(p) for p in pairs]
+    placement = {"large-base": InProcessWorkerClient(base), "large-tuned": InProcessWorkerClient(base)}
+    placement.update({m: pair_clients for m in ("small-base", "small-tuned", "small-safe")})
+    engine = Engine(placement, oracle.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    asked = questions(quick_family)
+    requests = [make_request(i, "mixed", m, tokenizers, params, draft_k=2) for i, m in enumerate(asked)]
+    engine.step(requests)
+    assert [p.info().sessions for p in pairs] == [2 * 4, 2 * 4]  # 2 requests each: 3 small models + the drafter
+    run(engine, requests)
+    for r, messages in zip(requests, asked):
+        assert r.tokens == oracle.generate("mixed", messages, params).generation.tokens
+    assert [p.info().sessions for p in pairs] == [0, 0] and base.info().sessions == 0
