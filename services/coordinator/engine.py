@@ -129,7 +129,7 @@ class Engine:
             drafter = r.composition.drafter_model
             calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params)))
         results = {}
-        for r, answer in self._call_all(calls, lambda client, items: client.draft(items, self.logits_dtype)):
+        for (r, _), answer in self._call_all(calls, lambda client, items: client.draft(items, self.logits_dtype)):
             results[r.id] = (answer.draft_tokens, answer.logits)
             r.cached[_DRAFT] = answer.cache_length
         return results
@@ -141,7 +141,7 @@ class Engine:
             for model in r.composition.scored_models:
                 calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, num_logits=len(drafts) + 1)))
         results = defaultdict(dict)
-        for (r, item), answer in self._call_all(calls, lambda client, items: client.extend(items, self.logits_dtype), with_items=True):
+        for (r, item), answer in self._call_all(calls, lambda client, items: client.extend(items, self.logits_dtype)):
             results[r.id][item.model] = answer.logits
             r.cached[item.model] = answer.cache_length
         return results
@@ -204,7 +204,7 @@ class Engine:
         r.cached[key] = length
         return [(model, session, length)]
 
-    def _call_all(self, calls: dict, call, with_items: bool = False):
+    def _call_all(self, calls: dict, call):
         """One call per worker, concurrently; a failed call fails just its requests."""
         futures = {client: self.pool.submit(call, client, [item for _, item in batch]) for client, batch in calls.items()}
         for client, future in futures.items():
@@ -214,8 +214,7 @@ class Engine:
                 for r, _ in calls[client]:
                     r.error, r.finish_reason = error, "error"
                 continue
-            for (r, item), answer in zip(calls[client], answers):
-                yield ((r, item) if with_items else r), answer
+            yield from zip(calls[client], answers)
 
     @staticmethod
     def _gather(futures) -> None:

@@ -44,9 +44,10 @@ class PaddedBatch:
         self.cache = DynamicCache(config=model.config)
         self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in self.lengths], dtype=torch.long, device=device)
         if longest:
-            for layer in range(len(next(kv for kv in pasts if kv and kv.length).keys)):
-                keys = torch.cat([_left_pad(kv and kv.keys[layer], n, longest, pasts) for kv, n in zip(pasts, self.lengths)])
-                values = torch.cat([_left_pad(kv and kv.values[layer], n, longest, pasts) for kv, n in zip(pasts, self.lengths)])
+            like = next(kv for kv in pasts if kv and kv.length)  # shapes for the new sessions' padding
+            for layer in range(len(like.keys)):
+                keys = torch.cat([_left_pad(kv and kv.keys[layer], n, longest, like.keys[layer]) for kv, n in zip(pasts, self.lengths)])
+                values = torch.cat([_left_pad(kv and kv.values[layer], n, longest, like.values[layer]) for kv, n in zip(pasts, self.lengths)])
                 self.cache.update(keys, values, layer)
 
     @torch.inference_mode()
@@ -70,8 +71,7 @@ class PaddedBatch:
         return SessionKV([layer.keys[row : row + 1, :, columns] for layer in layers], [layer.values[row : row + 1, :, columns] for layer in layers])
 
 
-def _left_pad(tensor: torch.Tensor | None, length: int, longest: int, pasts) -> torch.Tensor:
+def _left_pad(tensor: torch.Tensor | None, length: int, longest: int, like: torch.Tensor) -> torch.Tensor:
     if tensor is None:  # a new session: all padding, shaped like the others
-        like = next(kv for kv in pasts if kv and kv.length).keys[0]
         return like.new_zeros(1, like.shape[1], longest, like.shape[3])
     return F.pad(tensor, (0, 0, longest - length, 0))
