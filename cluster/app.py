@@ -23,7 +23,7 @@ def build_app(config: ServeConfig | dict) -> Application:
         deployment = serve.deployment(
             WorkerReplica,
             name=f"worker-{group.name}",
-            num_replicas=1,
+            num_replicas=group.replicas,
             ray_actor_options={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})

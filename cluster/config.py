@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.family.compositions import family_compositions
 from services.family.recipe import default_family_dir
@@ -20,11 +20,27 @@ class ModelConfig(_Strict):
     path: str = Field(description="local folder or Hugging Face hub id, loaded with from_pretrained")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", description="cpu, or cuda (the replica's GPU)")
+    chat_template: str | None = Field(None, description="Jinja chat template for this model's prompts (default: the one its tokenizer folder holds)")
+
+
+    @field_validator("chat_template")
+    @classmethod
+    def _compiles(cls, template: str | None) -> str | None:
+        if template is not None:
+            from jinja2 import TemplateSyntaxError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            try:
+                ImmutableSandboxedEnvironment().from_string(template)
+            except TemplateSyntaxError as error:
+                raise ValueError(f"not a valid Jinja template: {error.message} (line {error.lineno})") from None
+        return template
 
 
 class WorkerGroupConfig(_Strict):
     name: str = Field(description="deployment name of this worker group")
     models: list[str] = Field(min_length=1, description="models this worker hosts (a base alone, or a tuned/reference pair)")
+    replicas: int = Field(1, ge=1, description="replicas of this group; each request stays on one replica, placed on the least loaded")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine; tp for a tensor-parallel group)")
     tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")

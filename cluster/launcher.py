@@ -11,15 +11,13 @@ class LocalDeployment:
     address: str  # the public EFTService, host:port
     handle: object  # the gateway deployment's handle
 
-    def worker_sessions(self) -> dict[str, int]:
-        """Sessions each worker group holds now (for tests and checks)."""
-        from ray import serve
+    def worker_sessions(self) -> dict[str, list[int]]:
+        """Sessions each replica of each worker group holds now (for tests and checks)."""
+        return self.handle.worker_sessions.remote().result()
 
-        from cluster.app import APP_NAME
-
-        status = serve.status().applications[APP_NAME].deployments
-        names = [n for n in status if n.startswith("worker-")]
-        return {n: serve.get_deployment_handle(n, APP_NAME).sessions.remote().result() for n in names}
+    def worker_addresses(self) -> dict[str, list[str]]:
+        """The replicas the coordinator knows, per worker group."""
+        return self.handle.worker_addresses.remote().result()
 
 
 def start_local(config: ServeConfig, num_cpus: int | None = None, http_port: int = 8000) -> LocalDeployment:

@@ -4,8 +4,9 @@ cluster/app.py turns them into deployments).
 - WorkerReplica: one worker group's models behind the ModelWorker gRPC service, on this
   node's address (the coordinator reaches workers over gRPC, never through Ray).
 - GatewayReplica: the coordinator (engine and scheduler) and the gateway, serving the public
-  EFTService on the configured port. Sessions live on worker replicas, so each worker group
-  runs one replica that the coordinator addresses directly.
+  EFTService on the configured port. Sessions live on worker replicas, so the coordinator
+  addresses each replica directly (cluster/directory.py keeps the list) and keeps every
+  request on the replicas that hold its caches.
 """
 
 import logging
@@ -13,6 +14,7 @@ import logging
 from transformers import AutoTokenizer
 
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig
+from cluster.directory import WorkerDirectory
 from eft_core import Composition, Delta
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
@@ -20,7 +22,6 @@ from services.gateway.gateway import Gateway, Limits
 from services.gateway.server import create_server as create_gateway_server
 from services.prompts import check_shared_tokenizer
 from services.wire import DTYPE_NAMES
-from services.worker.client import GrpcWorkerClient
 from services.worker.server import create_server as create_worker_server
 from services.worker.tensor_parallel import start_tensor_parallel_worker
 from services.worker.worker import ModelWorker, load_hosted_model
@@ -68,26 +69,40 @@ def _replica_device(device: str) -> str:
 class GatewayReplica:
     async def __init__(self, config: dict, workers: dict):  # Ray Serve awaits an async constructor
         config = ServeConfig.model_validate(config)
-        addresses = {group: await handle.address.remote() for group, handle in workers.items()}
-        clients = {group: GrpcWorkerClient(address) for group, address in addresses.items()}
-        placement = {model: clients[g.name] for g in config.worker_groups for model in g.models}
-        tokenizers = {name: AutoTokenizer.from_pretrained(m.path) for name, m in config.models.items()}
+        tokenizers = {name: _tokenizer(m) for name, m in config.models.items()}
         compositions = {c.name: _composition(c) for c in config.compositions}
         vocab_size = check_shared_tokenizer(tokenizers)  # one engine, one vocabulary
+        engine = Engine({model: [] for model in config.models}, vocab_size)
+        self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
+        await self.directory.start()
         limits = config.limits
-        self.scheduler = Scheduler(Engine(placement, vocab_size), limits.max_running, limits.max_waiting)
+        self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
         gateway = Gateway(compositions, tokenizers, self.scheduler, config.default_composition, gateway_limits)
         self.server, port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}")
         self.address_ = f"{config.host}:{port}"
-        log.info("EFTService on %s, workers %s", self.address_, addresses)
+        log.info("EFTService on %s, workers %s", self.address_, self.directory.addresses())
 
     def address(self) -> str:
         return self.address_
 
+    def worker_sessions(self) -> dict[str, list[int]]:
+        """Sessions held now by each known replica of each worker group (for tests and checks)."""
+        return {group: [c.info().sessions for c in clients.values()] for group, clients in self.directory.clients.items()}
+
+    def worker_addresses(self) -> dict[str, list[str]]:
+        return self.directory.addresses()
+
     def check_health(self) -> None:
         if not self.scheduler.thread.is_alive():
             raise RuntimeError("the scheduler loop has stopped")
+
+
+def _tokenizer(model: ModelConfig):
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    if model.chat_template is not None:
+        tokenizer.chat_template = model.chat_template
+    return tokenizer
 
 
 def _composition(config) -> Composition:

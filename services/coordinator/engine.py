@@ -17,6 +17,7 @@ drafter (a drafter that is also a scored model keeps two caches: simple, and che
 small model that drafts).
 """
 
+import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eft_core import Composition, EFTError, SamplingBatch, SamplingParams, SpeculationStats, accept_drafts, eft_logprobs, implicit_rewards, sample
+from eft_core import Composition, EFTError, SamplingBatch, SamplingParams, SpeculationStats, UnavailableError, accept_drafts, eft_logprobs, implicit_rewards, sample
 from eft_core.sampling import sampling_probs, seeded_generator
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import WorkerClient
@@ -67,6 +68,7 @@ class EngineRequest:
         return min(self.draft_k, self.params.max_tokens - len(self.tokens) - 1)
 
 
+log = logging.getLogger(__name__)
 _DRAFT = "#draft"  # session key of the drafter's cache
 MAX_ADAPTIVE_K = 8
 
@@ -74,7 +76,8 @@ MAX_ADAPTIVE_K = 8
 class Engine:
     """``workers`` maps each model to the client of the worker hosting it, or to a list of
     clients, one per replica of its worker group (models of one group share one list).
-    A request is placed on one replica per group when it starts and stays there."""
+    A request is placed on one replica per group when it starts and stays there;
+    ``set_replicas`` changes a group's replicas for the requests placed afterwards."""
 
     def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_size: int, logits_dtype: torch.dtype = torch.float32):
         self.replicas = {m: w if isinstance(w, list) else [w] for m, w in workers.items()}
@@ -84,10 +87,10 @@ class Engine:
 
     def step(self, requests: list[EngineRequest]) -> None:
         """Advance every unfinished request by one iteration."""
-        active = [r for r in requests if not r.done]
-        for r in active:
-            if not r.placement:
+        for r in requests:
+            if not r.done and not r.placement:
                 self._place(r)
+        active = [r for r in requests if not r.done]
         ks = {r.id: r.next_k() for r in active}
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         scored = self._score([r for r in active if not r.done], drafted)
@@ -100,23 +103,44 @@ class Engine:
         self.release([r for r in active if r.done])
 
     def release(self, requests: list[EngineRequest]) -> None:
-        """Free every worker session the requests hold (idempotent)."""
+        """Free every worker session the requests hold (idempotent). A worker that cannot be
+        reached is logged and skipped: its sessions died with it, or its own idle handling
+        frees them."""
         by_client = defaultdict(list)
         for r in requests:
             for client in dict.fromkeys(r.placement.values()):
                 by_client[client] += [r.id, r.id + _DRAFT]
                 self.load[client] -= 1
+                if self.load[client] <= 0:
+                    del self.load[client]
             r.placement = {}
             r.cached.clear()
-        self._gather([self.pool.submit(client.release, ids) for client, ids in by_client.items()])
+        for client, future in [(client, self.pool.submit(client.release, ids)) for client, ids in by_client.items()]:
+            try:
+                future.result()
+            except EFTError as error:
+                log.warning("could not release %d sessions on %s: %s", len(by_client[client]), client, error)
+
+    def set_replicas(self, models: list[str], clients: list[WorkerClient]) -> None:
+        """The replicas of the worker group hosting ``models`` are now ``clients`` (called from
+        another thread: the mapping is replaced whole, never changed in place)."""
+        replicas, shared = dict(self.replicas), list(clients)
+        for model in models:
+            replicas[model] = shared
+        self.replicas = replicas
 
     def _place(self, r: EngineRequest) -> None:
-        """One replica per worker group for the request's models: the least loaded."""
-        chosen = {}
+        """One replica per worker group for the request's models: the least loaded.
+        A group with no replica running fails the request with UNAVAILABLE."""
+        replicas, chosen = self.replicas, {}
         for model in r.composition.models:
-            group = self.replicas[model]
+            group = replicas[model]
+            if not group:
+                r.placement.clear()
+                r.error, r.finish_reason = UnavailableError(f"no replica of the worker group hosting {model!r} is running; retry later"), "error"
+                return
             if id(group) not in chosen:
-                chosen[id(group)] = min(group, key=lambda client: self.load[client])
+                chosen[id(group)] = min(group, key=lambda client: self.load.get(client, 0))
             r.placement[model] = chosen[id(group)]
         for client in dict.fromkeys(r.placement.values()):
             self.load[client] += 1

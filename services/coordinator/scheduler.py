@@ -129,8 +129,5 @@ class Scheduler:
             if handle in self.running:
                 self.running.remove(handle)
             handle.request.finish_reason = handle.request.finish_reason or reason
-            try:
-                self.engine.release([handle.request])
-            except EFTError:
-                log.warning("could not release %s", handle.request.id, exc_info=True)
+            self.engine.release([handle.request])
             handle.chunks.put(Chunk([], [], [], True, reason))

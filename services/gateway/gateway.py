@@ -148,7 +148,7 @@ class Gateway:
                 conservative_top_p=bool(message.conservative_top_p),
                 seed=int(message.seed) if message.HasField("seed") else None,
                 max_tokens=int(max_tokens),
-                stop_token_ids=(eos,) if eos is not None else (),
+                stop_token_ids=(eos,) if eos is not None and not message.ignore_eos else (),
             )
         except InvalidArgumentError as error:
             raise InvalidArgumentError(error.message, field=f"sampling.{error.field}") from None

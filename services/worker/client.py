@@ -52,9 +52,13 @@ class GrpcWorkerClient:
 
     def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+        self.address = address
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
         self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"GrpcWorkerClient({self.address!r})"
 
     def close(self) -> None:
         self.channel.close()

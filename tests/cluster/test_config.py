@@ -31,6 +31,8 @@ def test_the_demo_config_round_trips_through_yaml(quick_family, tmp_path):
         (lambda d: d["compositions"].append(dict(d["compositions"][0])), "compositions[5].name: duplicate 'upscaled'"),
         (lambda d: d["models"]["large-base"].update(dtype="float8"), "dtype"),
         (lambda d: d["worker_groups"][0].update(tp=2), "worker_groups[0].tp: a tensor-parallel group hosts exactly one model"),
+        (lambda d: d["worker_groups"][1].update(replicas=0), "worker_groups.1.replicas"),
+        (lambda d: d["models"]["small-tuned"].update(chat_template="{% for m in messages %}"), "models.small-tuned.chat_template"),
     ],
 )
 def test_bad_configs_fail_at_load_with_a_precise_message(quick_family, edit, message):
@@ -50,3 +52,15 @@ def test_mismatched_tokenizers_are_refused_naming_both_models(quick_family, tmp_
     with pytest.raises(ValueError, match="'small-tuned' and 'large-base' have different tokenizers"):
         check_tokenizers(ServeConfig.model_validate(data))
     check_tokenizers(demo_config(quick_family.path))  # the real family passes
+
+
+def test_a_chat_template_in_the_config_overrides_the_model_folders(quick_family):
+    from cluster.replicas import _tokenizer
+    from services.prompts import render_prompt
+
+    config = demo_config(quick_family.path).models["small-tuned"]
+    messages = [{"role": "user", "content": "what is the color of zeme ?"}]
+    plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    folder, overridden = _tokenizer(config), _tokenizer(config.model_copy(update={"chat_template": plain}))
+    assert render_prompt(overridden, messages) == overridden(messages[0]["content"], add_special_tokens=False)["input_ids"]
+    assert render_prompt(folder, messages) != render_prompt(overridden, messages)

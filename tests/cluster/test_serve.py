@@ -29,9 +29,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def deployment(quick_family):
-    """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group."""
+    """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group
+    and the pair group has two replicas."""
     config = demo_config(quick_family.path, grpc_port=0).model_dump()
     config["worker_groups"][0]["models"] = ["large-base"]
+    config["worker_groups"][1]["replicas"] = 2
     config["worker_groups"].append({"name": "tuned-tp", "models": ["large-tuned"], "tp": 2})
     deployed = start_local(ServeConfig.model_validate(config), num_cpus=2, http_port=free_port())
     yield deployed
@@ -85,9 +87,24 @@ def test_cancelled_stream_releases_the_worker_sessions(stub, deployment, quick_f
     assert next(call).token_ids
     call.cancel()
     deadline = time.monotonic() + 15
-    while any(deployment.worker_sessions().values()):
+    while any(any(replicas) for replicas in deployment.worker_sessions().values()):
         assert time.monotonic() < deadline, deployment.worker_sessions()
         time.sleep(0.2)
+
+
+def test_requests_spread_over_the_replicas_of_a_worker_group(stub, deployment, quick_family):
+    deadline = time.monotonic() + 60
+    while len(deployment.worker_addresses()["pair"]) < 2:  # the second replica may still be loading
+        assert time.monotonic() < deadline, deployment.worker_addresses()
+        time.sleep(0.5)
+    service, _ = stub
+    streams = [service.GenerateStream(chat(f"what is the animal of {e} ?", temperature=1.0, max_tokens=40, ignore_eos=True), timeout=60) for e in quick_family.world().entities[:2]]
+    for stream in streams:
+        assert next(stream).token_ids
+    pair_sessions = deployment.worker_sessions()["pair"]
+    for stream in streams:
+        stream.cancel()
+    assert len(pair_sessions) == 2 and all(n > 0 for n in pair_sessions), pair_sessions  # one request on each replica
 
 
 def test_eft_generate_and_compositions_talk_to_the_server(deployment, quick_family):

@@ -107,3 +107,29 @@ def test_requests_spread_over_replicas_and_stay_on_theirs(quick_family, oracle, 
     for r, messages in zip(requests, asked):
         assert r.tokens == oracle.generate("mixed", messages, params).generation.tokens
     assert [p.info().sessions for p in pairs] == [0, 0] and base.info().sessions == 0
+
+
+def test_replica_changes_apply_to_new_requests_and_an_empty_group_is_unavailable(workers, oracle, tokenizers, quick_family):
+    from services.worker.client import GrpcWorkerClient
+
+    placement, worker_objects = workers
+    engine = Engine(placement, oracle.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=4, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    pair_models = ["small-base", "small-tuned", "small-safe"]
+    engine.set_replicas(pair_models, [])
+    refused = make_request(0, "upscaled", questions(quick_family)[0], tokenizers, params)
+    engine.step([refused])
+    assert refused.finish_reason == "error" and refused.error.code == "UNAVAILABLE" and "small-tuned" in refused.error.message
+    assert refused.placement == {} and sum(w.info().sessions for w in worker_objects) == 0
+
+    gone = GrpcWorkerClient("127.0.0.1:1", timeout=5)  # nothing listens there: a replica that died
+    engine.set_replicas(pair_models, [gone])
+    failed = make_request(1, "upscaled", questions(quick_family)[0], tokenizers, params)
+    engine.step([failed])  # the pair's call fails, the base's succeeds; releasing on the dead replica is logged, not raised
+    assert failed.error.code == "UNAVAILABLE" and failed.placement == {}
+    assert sum(w.info().sessions for w in worker_objects) == 0
+
+    engine.set_replicas(pair_models, [placement["small-base"]])
+    served = make_request(2, "upscaled", questions(quick_family)[0], tokenizers, params)
+    run(engine, [served])
+    assert served.tokens == oracle.generate("upscaled", questions(quick_family)[0], params).generation.tokens

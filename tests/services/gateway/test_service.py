@@ -75,6 +75,18 @@ def test_zero_weights_give_the_base_models_own_output(service, oracle, quick_fam
     assert list(reply.token_ids) == oracle.generate("large-base", messages, SamplingParams(temperature=0, max_tokens=12)).generation.tokens
 
 
+def test_ignore_eos_goes_on_to_max_tokens(service, oracle, quick_family, tokenizers):
+    stub, _, worker_objects, _ = service
+    messages = questions(quick_family)[0]
+    ended = oracle.generate("upscaled", messages, SamplingParams(temperature=0, max_tokens=30)).generation.tokens
+    eos = tokenizers["large-base"].eos_token_id
+    assert ended[-1] == eos  # the question's answer ends with EOS well before 30 tokens
+    reply = stub.Generate(ask(messages, max_tokens=len(ended) + 5, ignore_eos=True, mode=FIXED, k=3), timeout=60)
+    assert reply.finish_reason == eft_pb2.FINISH_REASON_LENGTH and len(reply.token_ids) == len(ended) + 5
+    assert list(reply.token_ids[: len(ended)]) == ended
+    assert sessions_held(worker_objects) == 0
+
+
 def test_stream_chunks_add_up_to_the_unary_reply(service, quick_family):
     stub, _, _, _ = service
     request = ask(questions(quick_family)[0], mode=FIXED, k=3, max_tokens=20)
