@@ -18,6 +18,7 @@ small model that drafts).
 """
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eft_core import Composition, EFTError, SamplingBatch, SamplingParams, SpeculationStats, UnavailableError, accept_drafts, eft_logprobs, implicit_rewards, sample
+from eft_core.draft_length import AcceptanceEstimate, best_draft_k
 from eft_core.sampling import sampling_probs, seeded_generator
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import WorkerClient
@@ -41,13 +43,14 @@ class EngineRequest:
     params: SamplingParams
     weights: tuple[float, ...]
     draft_k: int = 0  # drafts per step; 0: no speculation
-    adaptive: bool = False  # let draft_k follow the acceptance: +2 after a fully accepted draft, -1 otherwise
+    adaptive: bool = False  # let draft_k follow the running acceptance (eft_core.draft_length)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
     finish_reason: str | None = None
     error: EFTError | None = None
     stats: SpeculationStats = field(default_factory=SpeculationStats)
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     unsent: dict[str, list[int]] = field(default_factory=dict)  # session key -> tokens its cache lacks
     cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds
     placement: dict[str, WorkerClient] = field(default_factory=dict)  # model -> the replica holding its caches
@@ -71,6 +74,7 @@ class EngineRequest:
 log = logging.getLogger(__name__)
 _DRAFT = "#draft"  # session key of the drafter's cache
 MAX_ADAPTIVE_K = 8
+INITIAL_DRAFT_COST = 0.25  # until measured: a drafter a few times cheaper than scoring
 
 
 class Engine:
@@ -84,6 +88,7 @@ class Engine:
         self.vocab_size, self.logits_dtype = vocab_size, logits_dtype
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
+        self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in scoring calls (measured, smoothed)
 
     def step(self, requests: list[EngineRequest]) -> None:
         """Advance every unfinished request by one iteration."""
@@ -92,8 +97,12 @@ class Engine:
                 self._place(r)
         active = [r for r in requests if not r.done]
         ks = {r.id: r.next_k() for r in active}
+        started = time.perf_counter()
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
+        drafted_at = time.perf_counter()
         scored = self._score([r for r in active if not r.done], drafted)
+        if drafted:
+            self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
         truncations = []
         for r in active:
             if not r.done:
@@ -191,9 +200,15 @@ class Engine:
         result = accept_drafts(torch.tensor([drafts]), torch.tensor([k]), draft_probs[None], target_probs[None], r.sampling.generators)
         accepted = int(result.num_accepted[0])
         r.stats.observe_draft(k, accepted)
+        r.acceptance.observe(k, accepted)
         if r.adaptive:
-            r.draft_k = min(MAX_ADAPTIVE_K, r.draft_k + 2) if accepted == k else max(1, r.draft_k - 1)
+            r.draft_k = best_draft_k(r.acceptance.rate, self.draft_cost, MAX_ADAPTIVE_K)
         return result.emitted(0)
+
+    def _measure_draft_cost(self, draft_s: float, score_s: float, k: int) -> None:
+        """One draft step's cost in scoring calls, from this iteration's phases (smoothed)."""
+        if score_s > 0:
+            self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_s / k) / score_s
 
     def _emit(self, r: EngineRequest, token: int, position: int, target, per_model) -> None:
         r.tokens.append(token)

@@ -133,3 +133,19 @@ def test_replica_changes_apply_to_new_requests_and_an_empty_group_is_unavailable
     served = make_request(2, "upscaled", questions(quick_family)[0], tokenizers, params)
     run(engine, [served])
     assert served.tokens == oracle.generate("upscaled", questions(quick_family)[0], params).generation.tokens
+
+
+@pytest.mark.parametrize("draft_cost, grows", [(0.02, True), (2.0, False)])
+def test_adaptive_k_follows_acceptance_and_draft_cost(workers, oracle, tokenizers, quick_family, draft_cost, grows):
+    placement, _ = workers
+    engine = Engine(placement, oracle.vocab_size)
+    engine.draft_cost, engine._measure_draft_cost = draft_cost, lambda *timings: None  # a fixed cost model
+    params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=1) for i, m in enumerate(questions(quick_family))]
+    for r in requests:
+        r.adaptive = True
+    run(engine, requests)
+    drafted = sum(r.stats.draft_tokens for r in requests) / sum(r.stats.drafts for r in requests)
+    assert (drafted > 2.0) if grows else (drafted == 1.0), drafted
+    for r, messages in zip(requests, questions(quick_family)):
+        assert r.tokens == oracle.generate("upscaled", messages, params).generation.tokens
