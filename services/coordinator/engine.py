@@ -12,6 +12,10 @@ Per iteration:
 4. **roll back**: caches that hold rejected drafts are truncated; finished requests release
    every session they held.
 
+Requests that do not speculate wait for the draft call in iterations where others
+speculate: one batched scoring call per worker per iteration costs the base model less than
+two smaller ones would, and the draft call is short next to a scoring call of a larger base.
+
 Sessions on workers: ``<request id>`` for the scored models, ``<request id>#draft`` for the
 drafter (a drafter that is also a scored model keeps two caches: simple, and cheap for the
 small model that drafts).
