@@ -21,7 +21,7 @@ STUBS_STAMP := services/pb/.stamp
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .DEFAULT_GOAL := help
-.PHONY: help run eval test install stubs constraints clean
+.PHONY: help run eval test install stubs constraints clean prometheus
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -34,10 +34,16 @@ eval: install stubs  ## reproduce the EFT paper's up-scaling and mixing results 
 	$(BIN)/eft family build
 	$(BIN)/eft eval --json eval.json --plot eval.png
 
-test: install stubs  ## set up .venv (torch, the project, its test extra, gRPC stubs) and run pytest
+test: install stubs prometheus  ## set up .venv (torch, the project, its test extra, gRPC stubs), Prometheus, and run pytest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed  ## create .venv and install torch and the project (editable)
+
+prometheus:  ## install Debian's prometheus (the metrics test scrapes with it) when missing
+	@command -v prometheus >/dev/null || { \
+	  echo "installing prometheus (apt) for the metrics test ..."; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 stubs: $(STUBS_STAMP)  ## generate the gRPC stubs from proto/ into services/pb/
 

@@ -1,6 +1,6 @@
 """The `eft` command line.
 
-    eft serve [--config FILE] [--grpc-port P] [--http-port P] [--demo]
+    eft serve [--config FILE] [--grpc-port P] [--http-port P] [--metrics-port P] [--demo]
     eft generate PROMPT [--composition NAME] [--weight NAME=W ...] [--temperature T] [--seed N]
                  [--max-tokens N] [--speculate K|auto|off] [--stream] [--json] [--address HOST:PORT]
     eft compositions [--address HOST:PORT]
@@ -70,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="serve compositions over gRPC on a local Ray cluster",
+        help="serve compositions over gRPC and HTTP on a local Ray cluster",
         description="Start a local Ray cluster bound to 127.0.0.1 and deploy the configuration (default: the demo family, "
         "built if absent, with its compositions; `upscaled` is the default). Serves until Ctrl-C.",
     )
     serve.add_argument("--config", type=Path, help="YAML serving configuration (see README); default: the demo family")
     serve.add_argument("--grpc-port", type=int, default=None, help="public gRPC port (default: the config's, 50051)")
-    serve.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP port (default: %(default)s)")
+    serve.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default: the config's, 8000)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus scrape port, /metrics (default: the config's, 9464)")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
     serve.add_argument("--demo", action="store_true", help="once ready, stream one demo request and print it")
     serve.set_defaults(run=_serve)
@@ -147,7 +148,8 @@ def _eval(args) -> int:
 def _serve(args) -> int:
     from cluster.serve_command import serve_until_interrupted
 
-    return serve_until_interrupted(args.config, args.grpc_port, args.http_port, args.num_cpus, args.demo)
+    ports = {"grpc_port": args.grpc_port, "http_port": args.http_port, "metrics_port": args.metrics_port}
+    return serve_until_interrupted(args.config, ports, args.num_cpus, args.demo)
 
 
 def _generate(args) -> int:

@@ -79,8 +79,10 @@ class ServeConfig(_Strict):
     compositions: list[CompositionConfig] = Field(min_length=1, description="what clients can ask for")
     default_composition: str = Field(description="used when a request names none")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="per-request limits")
-    grpc_port: int = Field(50051, ge=0, le=65535, description="public gRPC port (EFTService)")
-    host: str = Field("127.0.0.1", description="address the public port binds")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="public gRPC port (EFTService, grpc.health.v1, reflection)")
+    http_port: int = Field(8000, ge=0, le=65535, description="public HTTP port (OpenAI-compatible API, /health, /metrics)")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus scrape port (/metrics)")
+    host: str = Field("127.0.0.1", description="address the public ports bind (0.0.0.0 in a pod)")
     gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for the gateway/coordinator replica")
 
     @model_validator(mode="after")
@@ -133,7 +135,7 @@ def check_tokenizers(config: ServeConfig) -> None:
                 raise ValueError(f"compositions[{i}] ({composition.name!r}): {model!r} and {composition.base!r} have different tokenizers; all models of a composition must share one")
 
 
-def demo_config(family_dir: Path | None = None, grpc_port: int = 50051) -> ServeConfig:
+def demo_config(family_dir: Path | None = None, grpc_port: int = 50051, http_port: int = 8000, metrics_port: int = 9464) -> ServeConfig:
     """The demo family's compositions under their names, ``upscaled`` the default."""
     family = Path(family_dir or default_family_dir())
     names = ["large-base", "large-tuned", "small-base", "small-tuned", "small-safe"]
@@ -147,4 +149,6 @@ def demo_config(family_dir: Path | None = None, grpc_port: int = 50051) -> Serve
         compositions=compositions,
         default_composition="upscaled",
         grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
     )

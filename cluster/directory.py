@@ -31,6 +31,10 @@ class WorkerDirectory:
         await self.refresh()
         self.task = asyncio.get_running_loop().create_task(self._refresh_forever())
 
+    def labelled_clients(self) -> dict[str, GrpcWorkerClient]:
+        """Every known replica's client, labelled ``group@address`` (for metrics)."""
+        return {f"{group}@{address}": client for group, clients in self.clients.items() for address, client in clients.items()}
+
     def addresses(self) -> dict[str, list[str]]:
         return {group: sorted(clients) for group, clients in self.clients.items()}
 

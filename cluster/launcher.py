@@ -9,6 +9,8 @@ from cluster.config import ServeConfig
 @dataclass
 class LocalDeployment:
     address: str  # the public EFTService, host:port
+    http: str  # the OpenAI-compatible API's base URL
+    metrics: str  # the Prometheus scrape URL
     handle: object  # the gateway deployment's handle
 
     def worker_sessions(self) -> dict[str, list[int]]:
@@ -20,8 +22,9 @@ class LocalDeployment:
         return self.handle.worker_addresses.remote().result()
 
 
-def start_local(config: ServeConfig, num_cpus: int | None = None, http_port: int = 8000) -> LocalDeployment:
-    """Start Ray (loopback only, no dashboard) and Serve, deploy, and wait until ready."""
+def start_local(config: ServeConfig, num_cpus: int | None = None) -> LocalDeployment:
+    """Start Ray (loopback only, no dashboard) and Serve, deploy, and wait until ready. Ray
+    Serve's own HTTP proxy stays off: the gateway serves gRPC, HTTP and metrics itself."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1 (ENVIRONMENT.md)
     import ray
     from ray import serve
@@ -30,9 +33,10 @@ def start_local(config: ServeConfig, num_cpus: int | None = None, http_port: int
 
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    serve.start(proxy_location="Disabled")
     handle = serve.run(build_app(config), name=APP_NAME, blocking=False)
-    return LocalDeployment(handle.address.remote().result(), handle)
+    endpoints = handle.endpoints.remote().result()
+    return LocalDeployment(endpoints["grpc"], endpoints["http"], endpoints["metrics"], handle)
 
 
 def stop_local() -> None:

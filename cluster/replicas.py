@@ -19,7 +19,9 @@ from eft_core import Composition, Delta
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.gateway.gateway import Gateway, Limits
+from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
+from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.prompts import check_shared_tokenizer
 from services.wire import DTYPE_NAMES
 from services.worker.server import create_server as create_worker_server
@@ -72,19 +74,25 @@ class GatewayReplica:
         tokenizers = {name: _tokenizer(m) for name, m in config.models.items()}
         compositions = {c.name: _composition(c) for c in config.compositions}
         vocab_size = check_shared_tokenizer(tokenizers)  # one engine, one vocabulary
-        engine = Engine({model: [] for model in config.models}, vocab_size)
+        metrics = ServingMetrics()
+        engine = Engine({model: [] for model in config.models}, vocab_size, metrics=metrics)
         self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
         await self.directory.start()
         limits = config.limits
         self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
-        gateway = Gateway(compositions, tokenizers, self.scheduler, config.default_composition, gateway_limits)
-        self.server, port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}")
-        self.address_ = f"{config.host}:{port}"
-        log.info("EFTService on %s, workers %s", self.address_, self.directory.addresses())
+        gateway = Gateway(compositions, tokenizers, self.scheduler, config.default_composition, gateway_limits, metrics)
+        metrics.add_state(scheduler_state(self.scheduler))
+        metrics.add_state(worker_state(self.directory.labelled_clients))
+        self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}")
+        self.http_server, http_port = start_http_server(create_app(gateway), config.host, config.http_port)
+        self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port)
+        self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"http://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}
+        log.info("EFT Serve endpoints %s, workers %s", self.endpoints_, self.directory.addresses())
 
-    def address(self) -> str:
-        return self.address_
+    def endpoints(self) -> dict[str, str]:
+        """The public endpoints: grpc (host:port), http and metrics (URLs)."""
+        return self.endpoints_
 
     def worker_sessions(self) -> dict[str, list[int]]:
         """Sessions held now by each known replica of each worker group (for tests and checks)."""

@@ -10,17 +10,21 @@ import grpc
 from cluster.config import ServeConfig, check_tokenizers, demo_config, load_config
 
 
-def serve_until_interrupted(config_path: Path | None, grpc_port: int | None, http_port: int, num_cpus: int | None, demo: bool) -> int:
-    config = _config(config_path, grpc_port)
+def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | None], num_cpus: int | None, demo: bool) -> int:
+    """``ports``: grpc_port, http_port, metrics_port overrides (None: the config's)."""
+    config = _config(config_path, ports)
     print("checking that every composition's models share a tokenizer ...", flush=True)
     check_tokenizers(config)
     print(f"starting a local Ray cluster (127.0.0.1) and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
     from cluster.launcher import start_local, stop_local
 
     started = time.perf_counter()
-    deployment = start_local(config, num_cpus=num_cpus, http_port=http_port)
+    deployment = start_local(config, num_cpus=num_cpus)
     names = ", ".join(c.name for c in config.compositions)
-    print(f"EFT Serve ready in {time.perf_counter() - started:.0f} s: gRPC eft.v1.EFTService at {deployment.address}", flush=True)
+    print(f"EFT Serve ready in {time.perf_counter() - started:.0f} s:", flush=True)
+    print(f"  gRPC eft.v1.EFTService  {deployment.address}", flush=True)
+    print(f"  OpenAI-compatible HTTP  {deployment.http}/v1", flush=True)
+    print(f"  Prometheus metrics      {deployment.metrics}", flush=True)
     print(f"compositions: {names} (default {config.default_composition})", flush=True)
     print(f"try: eft generate 'what is the capital of ...' --address {deployment.address} --stream", flush=True)
     if demo:
@@ -35,7 +39,7 @@ def serve_until_interrupted(config_path: Path | None, grpc_port: int | None, htt
     return 0
 
 
-def _config(path: Path | None, grpc_port: int | None) -> ServeConfig:
+def _config(path: Path | None, ports: dict[str, int | None]) -> ServeConfig:
     if path is not None:
         config = load_config(path)
     else:
@@ -43,7 +47,8 @@ def _config(path: Path | None, grpc_port: int | None) -> ServeConfig:
 
         family = build_family()
         config = demo_config(family.path)
-    return config.model_copy(update={"grpc_port": grpc_port}) if grpc_port is not None else config
+    overrides = {name: port for name, port in ports.items() if port is not None}
+    return ServeConfig.model_validate({**config.model_dump(), **overrides})
 
 
 def _demo_request(address: str, config: ServeConfig) -> None:

@@ -87,9 +87,10 @@ class Engine:
     A request is placed on one replica per group when it starts and stays there;
     ``set_replicas`` changes a group's replicas for the requests placed afterwards."""
 
-    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_size: int, logits_dtype: torch.dtype = torch.float32):
+    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_size: int, logits_dtype: torch.dtype = torch.float32, metrics=None):
         self.replicas = {m: w if isinstance(w, list) else [w] for m, w in workers.items()}
         self.vocab_size, self.logits_dtype = vocab_size, logits_dtype
+        self.metrics = metrics  # services.metrics.ServingMetrics, or None
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
         self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in scoring calls (measured, smoothed)
@@ -166,7 +167,7 @@ class Engine:
             drafter = r.composition.drafter_model
             calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params)))
         results = {}
-        for (r, _), answer in self._call_all(calls, lambda client, items: client.draft(items, self.logits_dtype)):
+        for (r, _), answer in self._call_all(calls, "draft", lambda client, items: client.draft(items, self.logits_dtype)):
             results[r.id] = (answer.draft_tokens, answer.logits)
             r.cached[_DRAFT] = answer.cache_length
         return results
@@ -178,7 +179,7 @@ class Engine:
             for model in r.composition.scored_models:
                 calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, num_logits=len(drafts) + 1)))
         results = defaultdict(dict)
-        for (r, item), answer in self._call_all(calls, lambda client, items: client.extend(items, self.logits_dtype)):
+        for (r, item), answer in self._call_all(calls, "extend", lambda client, items: client.extend(items, self.logits_dtype)):
             results[r.id][item.model] = answer.logits
             r.cached[item.model] = answer.cache_length
         return results
@@ -205,6 +206,8 @@ class Engine:
         accepted = int(result.num_accepted[0])
         r.stats.observe_draft(k, accepted)
         r.acceptance.observe(k, accepted)
+        if self.metrics is not None:
+            self.metrics.observe_draft(r.composition.name, k, accepted)
         if r.adaptive:
             r.draft_k = best_draft_k(r.acceptance.rate, self.draft_cost, MAX_ADAPTIVE_K)
         return result.emitted(0)
@@ -247,9 +250,9 @@ class Engine:
         r.cached[key] = length
         return [(model, session, length)]
 
-    def _call_all(self, calls: dict, call):
+    def _call_all(self, calls: dict, method: str, call):
         """One call per worker, concurrently; a failed call fails just its requests."""
-        futures = {client: self.pool.submit(call, client, [item for _, item in batch]) for client, batch in calls.items()}
+        futures = {client: self.pool.submit(self._timed, method, call, client, [item for _, item in batch]) for client, batch in calls.items()}
         for client, future in futures.items():
             try:
                 answers = future.result()
@@ -258,6 +261,14 @@ class Engine:
                     r.error, r.finish_reason = error, "error"
                 continue
             yield from zip(calls[client], answers)
+
+    def _timed(self, method: str, call, client: WorkerClient, items: list):
+        started = time.perf_counter()
+        answers = call(client, items)
+        if self.metrics is not None:
+            logits_bytes = sum(a.logits.nbytes for a in answers)
+            self.metrics.observe_worker_call(getattr(client, "address", "in-process"), method, time.perf_counter() - started, len(items), logits_bytes)
+        return answers
 
     @staticmethod
     def _gather(futures) -> None:

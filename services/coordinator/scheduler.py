@@ -38,6 +38,7 @@ class Handle:
         self.chunks: queue.Queue[Chunk] = queue.Queue()
         self.cancelled = threading.Event()
         self.sent = 0  # tokens already put into chunks
+        self.submitted_at, self.admitted_at = time.monotonic(), None  # monotonic seconds
 
     def stream(self):
         """Chunks until (and including) the final one."""
@@ -77,6 +78,11 @@ class Scheduler:
         with self.condition:
             return len(self.running), len(self.waiting)
 
+    def snapshot(self) -> tuple[list[EngineRequest], int]:
+        """The running requests and the number waiting (for metrics)."""
+        with self.condition:
+            return [h.request for h in self.running], len(self.waiting)
+
     def close(self) -> None:
         with self.condition:
             self.stopped = True
@@ -93,6 +99,8 @@ class Scheduler:
                 admitted = self.waiting[: self.max_running - len(self.running)]
                 self.waiting = self.waiting[len(admitted) :]
                 self.running += admitted
+            for handle in admitted:
+                handle.admitted_at = time.monotonic()
             self._drop_abandoned()
             try:
                 self.engine.step([h.request for h in self.running])

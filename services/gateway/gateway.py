@@ -1,14 +1,17 @@
-"""Requests in, text out: validation, per-model prompts, stop strings, streaming text."""
+"""Requests in, text out: validation, per-model prompts, stop strings, streaming text, and
+the request metrics. Every transport (gRPC, HTTP) goes through ``Gateway.generate``."""
 
 import math
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from eft_core import Composition, DeadlineExceededError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
+from eft_core import Composition, DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
 from eft_core.errors import require
 from services.coordinator.engine import EngineRequest
 from services.coordinator.scheduler import Chunk, Handle, Scheduler
+from services.metrics import RequestClock, ServingMetrics
 from services.pb.eft.v1 import eft_pb2
 from services.prompts import render_prompt, tokenizer_fingerprint
 
@@ -43,9 +46,10 @@ class _Progress:
 
 
 class Gateway:
-    def __init__(self, compositions: Mapping[str, Composition], tokenizers: Mapping[str, object], scheduler: Scheduler, default_composition: str, limits: Limits = Limits()):
+    def __init__(self, compositions: Mapping[str, Composition], tokenizers: Mapping[str, object], scheduler: Scheduler, default_composition: str, limits: Limits = Limits(), metrics: ServingMetrics | None = None):
         self.compositions, self.tokenizers, self.scheduler = dict(compositions), dict(tokenizers), scheduler
         self.default_composition, self.limits = default_composition, limits
+        self.metrics = metrics or ServingMetrics()
 
     def list_compositions(self) -> eft_pb2.ListCompositionsResponse:
         infos = [
@@ -74,16 +78,41 @@ class Gateway:
         request = EngineRequest(uuid.uuid4().hex, composition, prompts, params, weights, draft_k, adaptive)
         return Prepared(request, list(message.sampling.stop), message.return_options, len(prompts[composition.base]))
 
-    def stream(self, prepared: Prepared, timeout: float | None = None) -> tuple[Handle, Iterator[eft_pb2.GenerateStreamResponse]]:
-        """Submit; returns the handle (to cancel) and the stream of response messages."""
-        handle = self.scheduler.submit(prepared.request, timeout)
-        return handle, self._responses(prepared, handle)
+    def generate(self, message: eft_pb2.GenerateRequest, timeout: float | None = None) -> tuple[Handle, Iterator[eft_pb2.GenerateStreamResponse]]:
+        """Validate and submit; returns the handle (to cancel) and the stream of response
+        messages (iterate it to the end). ``timeout``: seconds from now for the whole request."""
+        arrived = time.monotonic()
+        try:
+            prepared = self.prepare(message)
+            handle = self.scheduler.submit(prepared.request, timeout)
+        except EFTError as error:
+            self.metrics.requests.labels(error.code).inc()
+            raise
+        return handle, self._counted(self._responses(prepared, handle, arrived))
 
-    def _responses(self, prepared: Prepared, handle: Handle) -> Iterator[eft_pb2.GenerateStreamResponse]:
+    def _counted(self, replies: Iterator[eft_pb2.GenerateStreamResponse]) -> Iterator[eft_pb2.GenerateStreamResponse]:
+        code = "CANCELLED"  # unless it ends otherwise: the caller stopped reading
+        try:
+            for reply in replies:
+                yield reply
+                if reply.finish_reason:
+                    code = "CANCELLED" if reply.finish_reason == eft_pb2.FINISH_REASON_CANCELLED else "OK"
+        except EFTError as error:
+            code = error.code
+            raise
+        finally:
+            self.metrics.requests.labels(code).inc()
+
+    def _responses(self, prepared: Prepared, handle: Handle, arrived: float) -> Iterator[eft_pb2.GenerateStreamResponse]:
         progress, options, tokenizer = _Progress(), prepared.options, self.tokenizers[prepared.request.composition.base]
+        composition = prepared.request.composition
+        clock = RequestClock(self.metrics, composition.name, arrived)
+        self.metrics.prompt_tokens.labels(composition.name).inc(prepared.prompt_tokens)
         for chunk in handle.stream():
             if chunk.error is not None:
                 raise chunk.error
+            clock.on_tokens(len(chunk.tokens), handle.submitted_at, handle.admitted_at)
+            clock.on_rewards([d.name for d in composition.deltas], chunk.rewards)
             progress.tokens += chunk.tokens
             text, stopped = self._text(tokenizer, progress, prepared.stop)
             reply = eft_pb2.GenerateStreamResponse(text=text)
@@ -99,6 +128,7 @@ class Gateway:
                     pass
                 chunk = Chunk([], [], [], True, "stop")
             if chunk.final:
+                clock.on_finish("stop" if stopped else chunk.finish_reason)
                 if chunk.finish_reason == "deadline":
                     raise DeadlineExceededError(f"the request's deadline passed after {len(progress.tokens)} tokens")
                 reply.finish_reason = _FINISH["stop" if stopped else chunk.finish_reason]

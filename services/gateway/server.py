@@ -40,7 +40,7 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
             context.abort(status_of(error), str(error))
 
     def _stream(self, request, context):
-        handle, replies = self.gateway.stream(self.gateway.prepare(request), context.time_remaining())
+        handle, replies = self.gateway.generate(request, context.time_remaining())
         if not context.add_callback(handle.cancel):  # the client went away or the RPC ended: stop generating
             handle.cancel()  # it already had
         return replies

@@ -1,49 +1,20 @@
-"""The Ray Serve application on a local Ray cluster (127.0.0.1), deployed once for the module."""
+"""The Ray Serve application on a local Ray cluster (127.0.0.1) (deployed once: conftest.py)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.config import ServeConfig, demo_config
-from cluster.launcher import start_local, stop_local
 from eft_core import SamplingParams
-from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from services.pb.eft.v1 import eft_pb2
 
 EFT = str(Path(sys.executable).parent / "eft")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def deployment(quick_family):
-    """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group
-    and the pair group has two replicas."""
-    config = demo_config(quick_family.path, grpc_port=0).model_dump()
-    config["worker_groups"][0]["models"] = ["large-base"]
-    config["worker_groups"][1]["replicas"] = 2
-    config["worker_groups"].append({"name": "tuned-tp", "models": ["large-tuned"], "tp": 2})
-    deployed = start_local(ServeConfig.model_validate(config), num_cpus=2, http_port=free_port())
-    yield deployed
-    stop_local()
-
-
-@pytest.fixture(scope="module")
-def stub(deployment):
-    with grpc.insecure_channel(deployment.address) as channel:
-        yield eft_pb2_grpc.EFTServiceStub(channel), channel
 
 
 def chat(question: str, **sampling) -> eft_pb2.GenerateRequest:

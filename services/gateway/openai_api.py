@@ -1,0 +1,347 @@
+"""OpenAI-compatible HTTP: ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (streaming as server-sent events, or not), plus ``/health``
+and ``/metrics``.
+
+Each body is checked for shape here (unknown fields are 400 errors naming them), turned
+into an ``eft.v1.GenerateRequest`` and handed to ``Gateway.generate``: the gRPC and HTTP
+paths share one validation and one set of limits.
+
+EFT options ride as extra body fields (the ``openai`` client's ``extra_body``):
+``weights`` ({delta: weight}), ``speculation`` ("off", "auto", or k), ``implicit_rewards``
+(bool: per-token rewards per delta), ``return_token_ids``, ``top_k``,
+``conservative_top_p``, ``ignore_eos``. The ``model`` field names the composition. Each
+response carries an ``eft`` object: draft statistics, and the token ids and rewards asked for.
+"""
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+import anyio
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from eft_core import EFTError, InvalidArgumentError
+from services.gateway.gateway import Gateway
+from services.pb.eft.v1 import eft_pb2
+
+FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+INT32 = 2**31 - 1
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("", description="the composition (empty: the server's default)")
+    max_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: Literal[1] = 1
+    presence_penalty: Literal[0, 0.0] = 0.0
+    frequency_penalty: Literal[0, 0.0] = 0.0
+    user: str | None = None
+    # EFT and vLLM-style extras
+    weights: dict[str, float] = Field(default_factory=dict)
+    speculation: Literal["off", "auto"] | Annotated[int, Field(ge=0, le=INT32)] | None = None
+    implicit_rewards: bool = False
+    return_token_ids: bool = False
+    top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0
+    conservative_top_p: bool = False
+    ignore_eos: bool = False
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+    logprobs: Annotated[int, Field(ge=0, le=1)] | None = None  # the sampled token's only
+    echo: Literal[False] = False
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str
+    content: str | list[dict]
+    name: str | None = None
+
+
+class ChatBody(_Body):
+    messages: list[_Message]
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
+    logprobs: bool = False
+    top_logprobs: Literal[0] | None = None
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="EFT Serve", description="OpenAI-compatible API of EFT Serve", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(EFTError)
+    async def eft_error(request: Request, error: EFTError):
+        return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):  # unparsable body, unknown route
+        return _error_json(error.status_code, str(error.detail), None)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        return _error_json(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
+
+    @app.get("/v1/models")
+    def models():
+        listing = gateway.list_compositions()
+        return {"object": "list", "data": [{"id": c.name, "object": "model", "created": 0, "owned_by": "eft-serve", "root": c.base} for c in listing.compositions]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        message = _completion_request(body)
+        return await _respond(gateway, body, message, _CompletionFormat(gateway, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        message = _chat_request(body)
+        return await _respond(gateway, body, message, _ChatFormat(gateway, body))
+
+    @app.get("/health")
+    def health():
+        alive = gateway.scheduler.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# --- OpenAI body -> eft.v1.GenerateRequest ---------------------------------------------------
+
+
+def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise InvalidArgumentError(f"one prompt per request, got {len(prompts)}", field="prompt")
+    message = _common(body, body.max_tokens, logprobs=body.logprobs is not None)
+    message.text = prompts[0]
+    return message
+
+
+def _chat_request(body: ChatBody) -> eft_pb2.GenerateRequest:
+    message = _common(body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs)
+    message.messages.SetInParent()  # a chat prompt, even when empty (the gateway refuses that)
+    for i, m in enumerate(body.messages):
+        message.messages.messages.add(role=m.role, content=_text_content(m.content, i))
+    return message
+
+
+def _text_content(content: str | list[dict], index: int) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidArgumentError("only text parts ({'type': 'text', 'text': ...}) are supported", field=f"messages[{index}].content[{j}]")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _common(body: _Body, max_tokens: int | None, logprobs: bool) -> eft_pb2.GenerateRequest:
+    sampling = eft_pb2.Sampling(
+        top_k=max(body.top_k, 0),  # -1: off, as in vLLM
+        conservative_top_p=body.conservative_top_p,
+        max_tokens=max_tokens or 0,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        ignore_eos=body.ignore_eos,
+    )
+    for name in ("temperature", "top_p", "seed"):
+        if getattr(body, name) is not None:
+            setattr(sampling, name, getattr(body, name))
+    return eft_pb2.GenerateRequest(
+        composition=body.model,
+        weights=body.weights,
+        sampling=sampling,
+        speculation=_speculation(body.speculation),
+        return_options=eft_pb2.ReturnOptions(token_ids=True, logprobs=logprobs, rewards=body.implicit_rewards),
+    )
+
+
+def _speculation(value) -> eft_pb2.Speculation:
+    if value is None:
+        return eft_pb2.Speculation()
+    if value == "off" or value == 0:
+        return eft_pb2.Speculation(mode=eft_pb2.SPECULATION_MODE_OFF)
+    if value == "auto":
+        return eft_pb2.Speculation(mode=eft_pb2.SPECULATION_MODE_ADAPTIVE)
+    return eft_pb2.Speculation(mode=eft_pb2.SPECULATION_MODE_FIXED, k=value)
+
+
+# --- responses ---------------------------------------------------------------------------
+
+
+class _Format:
+    """Turns gateway chunks into one OpenAI object type (completion or chat)."""
+
+    object_whole = object_chunk = ""
+
+    def __init__(self, gateway: Gateway, body: _Body):
+        self.gateway, self.body = gateway, body
+        self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.model = body.model or gateway.default_composition
+
+    def envelope(self, object_type: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": object_type, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def token_strings(self, token_ids) -> list[str]:
+        tokenizer = self.gateway.tokenizers[self.gateway.compositions[self.model].base]
+        return [tokenizer.decode([t]) for t in token_ids]
+
+
+class _CompletionFormat(_Format):
+    prefix, object_whole, object_chunk = "cmpl", "text_completion", "text_completion"
+
+    def choice(self, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
+        return {"index": 0, "text": text, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+
+    def _logprobs(self, token_ids, logprobs):
+        if self.body.logprobs is None:
+            return None
+        tokens = self.token_strings(token_ids)
+        top = [{t: lp} for t, lp in zip(tokens, logprobs)] if self.body.logprobs else None
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": []}
+
+    def first_chunk(self):
+        return None
+
+
+class _ChatFormat(_Format):
+    prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
+        content = {"role": "assistant", "content": text} if whole else ({"content": text} if text else {})
+        key = "message" if whole else "delta"
+        return {"index": 0, key: content, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+
+    def _logprobs(self, token_ids, logprobs):
+        if not self.body.logprobs:
+            return None
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in zip(self.token_strings(token_ids), logprobs)]}
+
+    def first_chunk(self):
+        return self.envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+
+
+async def _respond(gateway: Gateway, body: _Body, message: eft_pb2.GenerateRequest, form: _Format):
+    handle, replies = await anyio.to_thread.run_sync(gateway.generate, message)
+    if body.stream:
+        return StreamingResponse(_events(handle, replies, body, form), media_type="text/event-stream")
+    try:
+        chunks = await anyio.to_thread.run_sync(list, replies)
+    finally:
+        handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
+    return _whole(chunks, body, form)
+
+
+def _whole(chunks: list[eft_pb2.GenerateStreamResponse], body: _Body, form: _Format) -> dict:
+    final = chunks[-1]
+    token_ids = [t for c in chunks for t in c.token_ids]
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    rewards = [list(r.values) for c in chunks for r in c.rewards]
+    choice = form.choice("".join(c.text for c in chunks), token_ids, logprobs, FINISH.get(final.finish_reason), whole=True)
+    return form.envelope(form.object_whole, [choice], usage=_usage(final), eft=_extension(body, final, token_ids, rewards))
+
+
+async def _events(handle, replies: Iterator[eft_pb2.GenerateStreamResponse], body: _Body, form: _Format):
+    """Server-sent events: one per chunk, an optional usage chunk, then [DONE]. An error after
+    the headers went out is sent as an event holding OpenAI's error object."""
+    try:
+        if (first := form.first_chunk()) is not None:
+            yield _event(first)
+        while (chunk := await anyio.to_thread.run_sync(next, replies, None)) is not None:
+            finish = FINISH.get(chunk.finish_reason)
+            choice = form.choice(chunk.text, chunk.token_ids, chunk.logprobs, finish, whole=False)
+            extra = {"eft": _extension(body, chunk, list(chunk.token_ids), [list(r.values) for r in chunk.rewards])} if (finish or body.return_token_ids or body.implicit_rewards) else {}
+            yield _event(form.envelope(form.object_chunk, [choice], **extra))
+            if finish and (body.stream_options or {}).get("include_usage"):
+                yield _event(form.envelope(form.object_chunk, [], usage=_usage(chunk)))
+        yield "data: [DONE]\n\n"
+    except EFTError as error:
+        yield _event({"error": _error_object(error)})
+    finally:
+        handle.cancel()  # the client went away mid-stream: stop generating, free the sessions
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _usage(final: eft_pb2.GenerateStreamResponse) -> dict:
+    prompt, completion = final.usage.prompt_tokens, final.usage.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _extension(body: _Body, chunk, token_ids: list[int], rewards: list[list[float]]) -> dict:
+    extension = {"draft_tokens": chunk.stats.drafted, "accepted_tokens": chunk.stats.accepted} if chunk.finish_reason else {}
+    if body.return_token_ids:
+        extension["token_ids"] = token_ids
+    if body.implicit_rewards:
+        extension["implicit_rewards"] = rewards
+    return extension
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def http_status(error: EFTError) -> int:
+    if error.code == "RESOURCE_EXHAUSTED" and error.field == "queue":
+        return 429  # the server is busy, unlike a request over a limit
+    return HTTP_STATUS.get(error.code, 500)
+
+
+def _error_object(error: EFTError) -> dict:
+    status = http_status(error)
+    return {"message": str(error), "type": ERROR_TYPE.get(status, "server_error"), "param": error.field, "code": error.code.lower()}
+
+
+def _error_response(error: EFTError) -> JSONResponse:
+    return JSONResponse({"error": _error_object(error)}, status_code=http_status(error))
+
+
+def _error_json(status: int, message: str, param: str | None) -> JSONResponse:
+    kind = ERROR_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+def start_http_server(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, int]:
+    """Serve ``app`` on host:port (0: any free port) from a daemon thread; returns the server
+    (``should_exit = True`` stops it) and the bound port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="eft-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
+    return server, sock.getsockname()[1]

@@ -1,0 +1,181 @@
+"""Prometheus metrics of a serving process (the gateway + coordinator), named after vLLM's
+with an ``eft_`` prefix. One scrape endpoint holds them all: request metrics from the
+gateway, step metrics from the engine, and the workers' KV state, read from every known
+worker replica at scrape time.
+
+Useful PromQL (5-minute windows):
+
+- draft acceptance rate::
+
+    sum(rate(eft_spec_decode_num_accepted_tokens_total[5m]))
+      / sum(rate(eft_spec_decode_num_draft_tokens_total[5m]))
+
+- p99 inter-token latency, per composition::
+
+    histogram_quantile(0.99, sum by (le, composition) (rate(eft_inter_token_latency_seconds_bucket[5m])))
+
+- p50 time to first token::
+
+    histogram_quantile(0.5, sum by (le) (rate(eft_time_to_first_token_seconds_bucket[5m])))
+
+- output tokens/s: ``sum(rate(eft_generation_tokens_total[1m]))``
+- mean implicit reward of a delta: ``rate(eft_implicit_reward_sum[5m]) / rate(eft_implicit_reward_count[5m])``
+- acceptance by draft position j: ``rate(eft_spec_decode_num_accepted_tokens_per_pos_total{position="j"}[5m]) / rate(eft_spec_decode_num_drafts_total[5m])``
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+# vLLM's buckets, so existing dashboards read ours the same way
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REWARD_BUCKETS = (-20.0, -10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+class ServingMetrics:
+    """The metrics, on their own registry (several servers may share one test process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r, c = self.registry, ["composition"]
+        self.ttft = Histogram("eft_time_to_first_token_seconds", "Time from request arrival to its first token", c, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("eft_inter_token_latency_seconds", "Time between tokens of a request (a chunk of n tokens counts n times, at 1/n of its gap)", c, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("eft_e2e_request_latency_seconds", "Time from request arrival to its end", c, buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_time = Histogram("eft_request_queue_time_seconds", "Time a request waited before it joined the running batch", c, buckets=REQUEST_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("eft_prompt_tokens", "Prompt tokens of admitted requests (the base model's rendering)", c, registry=r)
+        self.generation_tokens = Counter("eft_generation_tokens", "Tokens generated", c, registry=r)
+        self.finished = Counter("eft_request_success", "Requests that finished, by finish reason", c + ["finished_reason"], registry=r)
+        self.requests = Counter("eft_requests", "Requests by final status code (OK or the gRPC status name)", ["code"], registry=r)
+        self.drafts = Counter("eft_spec_decode_num_drafts", "Speculative drafts scored", c, registry=r)
+        self.draft_tokens = Counter("eft_spec_decode_num_draft_tokens", "Draft tokens proposed", c, registry=r)
+        self.accepted_tokens = Counter("eft_spec_decode_num_accepted_tokens", "Draft tokens accepted", c, registry=r)
+        self.accepted_per_position = Counter("eft_spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each draft position (0-based)", c + ["position"], registry=r)
+        self.step_latency = Histogram("eft_worker_step_latency_seconds", "Latency of one batched call to a worker, seen by the coordinator", ["worker", "method"], buckets=STEP_BUCKETS, registry=r)
+        self.batch_size = Histogram("eft_worker_batch_size", "Sessions in one batched call to a worker", ["worker", "method"], buckets=BATCH_BUCKETS, registry=r)
+        self.logits_bytes = Counter("eft_logits_bytes", "Logits bytes received from workers", ["worker", "method"], registry=r)
+        self.implicit_reward = Histogram("eft_implicit_reward", "Implicit reward log p_tuned - log p_reference of each generated token, per delta", c + ["delta"], buckets=REWARD_BUCKETS, registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
+        self._state_sources: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
+        r.register(_StateCollector(self._state_sources))
+
+    def add_state(self, source: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        """A function read at every scrape that returns gauge families (running requests,
+        worker KV state)."""
+        self._state_sources.append(source)
+
+    def observe_draft(self, composition: str, num_draft: int, num_accepted: int) -> None:
+        self.drafts.labels(composition).inc()
+        self.draft_tokens.labels(composition).inc(num_draft)
+        self.accepted_tokens.labels(composition).inc(num_accepted)
+        for position in range(num_accepted):
+            self.accepted_per_position.labels(composition, str(position)).inc()
+
+    def observe_worker_call(self, worker: str, method: str, seconds: float, batch: int, logits_bytes: int) -> None:
+        self.step_latency.labels(worker, method).observe(seconds)
+        self.batch_size.labels(worker, method).observe(batch)
+        self.logits_bytes.labels(worker, method).inc(logits_bytes)
+
+    def serve(self, host: str, port: int) -> tuple[object, int]:
+        """Start the scrape endpoint (``/metrics``) in a thread; returns the server and its port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_port
+
+
+class _StateCollector:
+    def __init__(self, sources):
+        self.sources = sources
+        self.lock = threading.Lock()
+
+    def collect(self):
+        with self.lock:
+            for source in list(self.sources):
+                try:
+                    yield from source()
+                except Exception:  # one unreachable worker must not break the whole scrape
+                    log.warning("a metrics state source failed", exc_info=True)
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+
+def gauge(name: str, documentation: str, labels: list[str], values: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+def scheduler_state(scheduler) -> Callable[[], list[GaugeMetricFamily]]:
+    """Running and waiting requests, and the mean draft length of running adaptive ones."""
+
+    def read():
+        running, waiting = scheduler.snapshot()
+        ks: dict[str, list[int]] = {}
+        for request in running:
+            if request.adaptive:
+                ks.setdefault(request.composition.name, []).append(request.draft_k)
+        return [
+            gauge("eft_num_requests_running", "Requests in the running batch", [], [([], len(running))]),
+            gauge("eft_num_requests_waiting", "Requests waiting to join it", [], [([], waiting)]),
+            gauge("eft_spec_decode_current_k", "Mean draft length of the running adaptive requests", ["composition"], [([c], sum(k) / len(k)) for c, k in ks.items()]),
+        ]
+
+    return read
+
+
+def worker_state(workers: Callable[[], dict[str, object]]) -> Callable[[], list[GaugeMetricFamily]]:
+    """KV sessions and cached tokens of each worker replica (``workers``: label -> client),
+    asked at scrape time."""
+
+    def read():
+        infos = {label: client.info() for label, client in workers().items()}
+        return [
+            gauge("eft_worker_kv_sessions", "(session, model) caches a worker holds", ["worker"], [([w], i.sessions) for w, i in infos.items()]),
+            gauge("eft_worker_kv_cached_tokens", "Tokens held over all caches of a worker", ["worker"], [([w], i.cached_tokens) for w, i in infos.items()]),
+        ]
+
+    return read
+
+
+class RequestClock:
+    """One request's latency metrics, fed as its chunks arrive. The first chunk gives the
+    time to first token; each later chunk of n tokens gives n inter-token latencies of 1/n
+    of its gap (a speculative step emits several tokens at once)."""
+
+    def __init__(self, metrics: ServingMetrics, composition: str, arrived: float):
+        self.metrics, self.composition, self.arrived = metrics, composition, arrived
+        self.last: float | None = None
+
+    def on_tokens(self, count: int, submitted_at: float, admitted_at: float | None) -> None:
+        if count == 0:
+            return
+        now, c = time.monotonic(), self.composition
+        if self.last is None:
+            self.metrics.ttft.labels(c).observe(now - self.arrived)
+            if admitted_at is not None:
+                self.metrics.queue_time.labels(c).observe(admitted_at - submitted_at)
+        else:
+            gap = (now - self.last) / count
+            for _ in range(count):
+                self.metrics.itl.labels(c).observe(gap)
+        self.metrics.generation_tokens.labels(c).inc(count)
+        self.last = now
+
+    def on_rewards(self, deltas: list[str], rewards: list[list[float]]) -> None:
+        for per_token in rewards:
+            for delta, value in zip(deltas, per_token):
+                self.metrics.implicit_reward.labels(self.composition, delta).observe(value)
+
+    def on_finish(self, reason: str) -> None:
+        self.metrics.e2e.labels(self.composition).observe(time.monotonic() - self.arrived)
+        self.metrics.finished.labels(self.composition, reason).inc()

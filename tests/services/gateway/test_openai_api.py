@@ -1,0 +1,184 @@
+"""The OpenAI-compatible HTTP API, called by the official `openai` client, and the metrics
+it and the gRPC path record: one process, workers behind real gRPC servers on 127.0.0.1."""
+
+import json
+
+import grpc
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from eft_core import SamplingParams
+from services.coordinator.engine import Engine
+from services.coordinator.scheduler import Scheduler
+from services.family.compositions import family_compositions
+from services.gateway.gateway import Gateway, Limits
+from services.gateway.openai_api import create_app, start_http_server
+from services.gateway.server import create_server
+from services.metrics import ServingMetrics, scheduler_state, worker_state
+from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from tests.services.coordinator.helpers import questions, start_workers
+
+
+@pytest.fixture(scope="module")
+def server(quick_family, oracle, tokenizers):
+    placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
+    metrics = ServingMetrics()
+    scheduler = Scheduler(Engine(placement, oracle.vocab_size, metrics=metrics), max_running=8, max_waiting=2)
+    gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40), metrics)
+    metrics.add_state(scheduler_state(scheduler))
+    metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}))
+    http, port = start_http_server(create_app(gateway), "127.0.0.1", 0)
+    grpc_server, grpc_port = create_server(gateway, "127.0.0.1:0")
+    metrics_server, metrics_port = metrics.serve("127.0.0.1", 0)
+    yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", worker_objects
+    http.should_exit = True
+    metrics_server.shutdown()
+    grpc_server.stop(grace=None)
+    scheduler.close()
+    stop_workers()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def sessions_held(worker_objects) -> int:
+    return sum(w.info().sessions for w in worker_objects)
+
+
+def expected(oracle, composition, messages, max_tokens=12):
+    return oracle.generate(composition, messages, SamplingParams(temperature=0, max_tokens=max_tokens))
+
+
+def test_models_lists_the_compositions(client):
+    assert {m.id for m in client.models.list()} == set(family_compositions())
+
+
+@pytest.mark.parametrize("speculation", ["off", 3, "auto"])
+def test_chat_completion_greedy_equals_the_grpc_path_and_the_reference(server, client, oracle, quick_family, speculation):
+    messages = questions(quick_family)[0]
+    reply = client.chat.completions.create(model="upscaled", messages=messages, temperature=0, max_tokens=12, extra_body={"speculation": speculation, "return_token_ids": True})
+    with grpc.insecure_channel(server[1]) as channel:
+        request = eft_pb2.GenerateRequest(composition="upscaled", sampling=eft_pb2.Sampling(temperature=0, max_tokens=12), return_options=eft_pb2.ReturnOptions(token_ids=True))
+        request.messages.messages.extend(eft_pb2.ChatMessage(**m) for m in messages)
+        via_grpc = eft_pb2_grpc.EFTServiceStub(channel).Generate(request, timeout=60)
+    want = expected(oracle, "upscaled", messages)
+    assert reply.choices[0].message.content == via_grpc.text == want.text
+    assert reply.model_extra["eft"]["token_ids"] == list(via_grpc.token_ids) == want.generation.tokens
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == len(want.generation.tokens)
+    assert reply.usage.prompt_tokens == len(want.prompt_ids["large-base"]) and reply.object == "chat.completion"
+    assert (reply.model_extra["eft"]["draft_tokens"] > 0) == (speculation != "off")
+
+
+def test_streamed_chat_adds_up_to_the_whole_reply(client, server, oracle, quick_family):
+    messages = questions(quick_family)[1]
+    stream = client.chat.completions.create(model="mixed", messages=messages, temperature=0, max_tokens=12, stream=True, stream_options={"include_usage": True}, extra_body={"weights": {"chat": 1.0, "safe": 0.5}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    want = oracle.generate("mixed", messages, SamplingParams(temperature=0, max_tokens=12), weights={"chat": 1.0, "safe": 0.5})
+    assert text == want.text and chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(want.generation.tokens) and not chunks[-1].choices
+    assert sessions_held(server[3]) == 0
+
+
+def test_completions_streamed_and_not_with_logprobs_and_rewards(client, oracle, quick_family):
+    prompt = f"the capital of {quick_family.world().entities[2]} is"
+    whole = client.completions.create(model="upscaled", prompt=prompt, temperature=0, max_tokens=8, logprobs=1, extra_body={"implicit_rewards": True, "return_token_ids": True, "speculation": 2})
+    want = oracle.generate("upscaled", prompt, SamplingParams(temperature=0, max_tokens=8))
+    assert whole.choices[0].text == want.text and whole.object == "text_completion"
+    assert whole.choices[0].logprobs.token_logprobs == pytest.approx(want.generation.logprobs, abs=1e-4)
+    assert len(whole.model_extra["eft"]["implicit_rewards"]) == len(want.generation.tokens)
+    streamed = list(client.completions.create(model="upscaled", prompt=prompt, temperature=0, max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "composition"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "sampling.temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "weights": {"chat": 1e9}}, 400, "weights['chat']"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400, "sampling.max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"messages": []}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
+    reply = requests.post(server[0] + "/v1/chat/completions", json=body, timeout=30)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_the_openai_client_raises_its_own_error_types(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="upscaled", prompt="hi", temperature=-2)
+
+
+def test_not_json_is_a_400(server):
+    reply = requests.post(server[0] + "/v1/completions", data=b"\xff\xfe not json", headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(requests.get(url, timeout=30).text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples, name, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+
+
+def test_metrics_count_requests_tokens_and_drafts(server, client, quick_family):
+    before = scrape(server[2])
+    n = 3
+    for messages in questions(quick_family, n=n):
+        client.chat.completions.create(model="upscaled", messages=messages, temperature=0, max_tokens=12, extra_body={"speculation": 3, "implicit_rewards": True})
+    after = scrape(server[2])
+    delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    assert delta("eft_time_to_first_token_seconds_count", composition="upscaled") == n
+    assert delta("eft_e2e_request_latency_seconds_count", composition="upscaled") == n
+    assert delta("eft_request_queue_time_seconds_count", composition="upscaled") == n
+    assert delta("eft_requests_total", code="OK") == n
+    generated = delta("eft_generation_tokens_total", composition="upscaled")
+    first_chunks = generated - delta("eft_inter_token_latency_seconds_count", composition="upscaled")  # tokens of each first chunk: 1 to k + 1
+    assert generated > n and n <= first_chunks <= n * (3 + 1)
+    assert delta("eft_implicit_reward_count", composition="upscaled", delta="chat") == generated
+    drafted, accepted = delta("eft_spec_decode_num_draft_tokens_total"), delta("eft_spec_decode_num_accepted_tokens_total")
+    assert 0 < accepted <= drafted and delta("eft_spec_decode_num_accepted_tokens_per_pos_total") == accepted
+    assert delta("eft_worker_step_latency_seconds_count", method="extend") > 0 and delta("eft_logits_bytes_total", method="draft") > 0
+    assert total(after, "eft_num_requests_running") == 0 and total(after, "eft_worker_kv_sessions") == 0
+    assert total(after, "process_resident_memory_bytes") > 0
+
+
+def test_errors_are_counted_by_status_code(server, client):
+    before = scrape(server[0] + "/metrics")  # the HTTP port serves the same registry
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    after = scrape(server[0] + "/metrics")
+    assert total(after, "eft_requests_total", code="NOT_FOUND") - total(before, "eft_requests_total", code="NOT_FOUND") == 1
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_sessions(server, quick_family):
+    import time
+
+    body = {"messages": questions(quick_family)[0], "max_tokens": 40, "temperature": 1.0, "ignore_eos": True, "stream": True}
+    with requests.post(server[0] + "/v1/chat/completions", json=body, stream=True, timeout=30) as reply:
+        lines = reply.iter_lines()
+        first = next(line for line in lines if line)
+        assert json.loads(first.removeprefix(b"data: "))["object"] == "chat.completion.chunk"
+    deadline = time.monotonic() + 15
+    while sessions_held(server[3]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
