@@ -27,7 +27,8 @@ def build_app(config: ServeConfig | dict) -> Application:
             ray_actor_options={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})
-    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=1, ray_actor_options={"num_cpus": config.gateway_num_cpus})
+    gateway_options = {"num_cpus": config.gateway_num_cpus, "resources": dict(config.gateway_resources)}
+    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=1, ray_actor_options=gateway_options)
     return gateway.bind(config.model_dump(), workers)
 
 

@@ -3,13 +3,15 @@
     eft serve [--config FILE] [--grpc-port P] [--http-port P] [--metrics-port P] [--demo]
     eft generate PROMPT [--composition NAME] [--weight NAME=W ...] [--temperature T] [--seed N]
                  [--max-tokens N] [--speculate K|auto|off] [--stream] [--json] [--address HOST:PORT]
-    eft compositions [--address HOST:PORT]
+                 [--token T] [--ca-cert FILE]
+    eft compositions [--address HOST:PORT] [--token T] [--ca-cert FILE]
     eft family build [--out DIR] [--seed N] [--force] [--preset demo|quick]
     eft eval [--family DIR] [--json FILE] [--plot FILE.png] [--sample N] [--limit N]
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,13 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--speculate", default="default", metavar="K|auto|off", help="drafts per step, auto (adaptive) or off (default: the server's)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--json", action="store_true", help="print the final response as one JSON object")
-    generate.add_argument("--address", default="127.0.0.1:50051", help="the server (default: %(default)s)")
+    _connection_arguments(generate)
     generate.set_defaults(run=_generate)
 
     listing = commands.add_parser("compositions", help="list a running server's compositions")
-    listing.add_argument("--address", default="127.0.0.1:50051", help="the server (default: %(default)s)")
+    _connection_arguments(listing)
     listing.set_defaults(run=_compositions)
     return parser
+
+
+def _connection_arguments(command) -> None:
+    command.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address (default: %(default)s)")
+    command.add_argument("--token", default=os.environ.get("EFT_TOKEN"), help="bearer token, for a server with auth (default: $EFT_TOKEN)")
+    command.add_argument("--ca-cert", default=None, metavar="FILE", help="PEM CA certificate to trust: connect over TLS")
 
 
 def _count(text: str) -> int:

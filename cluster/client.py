@@ -51,11 +51,24 @@ def _speculation(spec: str) -> eft_pb2.Speculation:
     raise InvalidArgumentError(f"must be a number >= 1, auto or off, got {spec!r}", field="--speculate")
 
 
-def stream_reply(stub, request, on_text=None) -> eft_pb2.GenerateResponse:
+def open_channel(args) -> grpc.Channel:
+    """A channel to ``args.address``: TLS when ``args.ca_cert`` names the CA to trust."""
+    if not getattr(args, "ca_cert", None):
+        return grpc.insecure_channel(args.address)
+    with open(args.ca_cert, "rb") as ca:
+        return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(root_certificates=ca.read()))
+
+
+def call_metadata(args) -> tuple[tuple[str, str], ...]:
+    token = getattr(args, "token", None)
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def stream_reply(stub, request, on_text=None, metadata=()) -> eft_pb2.GenerateResponse:
     """Stream a request; returns the whole reply, calling ``on_text`` with each new piece."""
     reply = eft_pb2.GenerateResponse()
     try:
-        for chunk in stub.GenerateStream(request, timeout=600):
+        for chunk in stub.GenerateStream(request, timeout=600, metadata=metadata):
             if on_text and chunk.text:
                 on_text(chunk.text)
             reply.text += chunk.text
@@ -87,10 +100,10 @@ def acceptance_line(reply: eft_pb2.GenerateResponse) -> str:
 
 def generate_command(args) -> int:
     request = build_request(args)
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         stub = eft_pb2_grpc.EFTServiceStub(channel)
         printer = (lambda text: print(text, end="", flush=True)) if args.stream and not args.json else None
-        reply = stream_reply(stub, request, printer)
+        reply = stream_reply(stub, request, printer, call_metadata(args))
     if args.json:
         print(json.dumps(as_json(reply)))
     else:
@@ -100,9 +113,9 @@ def generate_command(args) -> int:
 
 
 def compositions_command(args) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         try:
-            listing = eft_pb2_grpc.EFTServiceStub(channel).ListCompositions(eft_pb2.ListCompositionsRequest(), timeout=30)
+            listing = eft_pb2_grpc.EFTServiceStub(channel).ListCompositions(eft_pb2.ListCompositionsRequest(), timeout=30, metadata=call_metadata(args))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
     for c in listing.compositions:

@@ -73,6 +73,11 @@ class LimitsConfig(_Strict):
     max_waiting: int = Field(256, ge=0, description="requests queued beyond that (then RESOURCE_EXHAUSTED)")
 
 
+class TLSConfig(_Strict):
+    cert_file: str = Field(description="PEM certificate chain of the public gRPC and HTTP ports")
+    key_file: str = Field(description="PEM private key")
+
+
 class ServeConfig(_Strict):
     models: dict[str, ModelConfig] = Field(description="every model, by name")
     worker_groups: list[WorkerGroupConfig] = Field(description="which models share a worker")
@@ -83,7 +88,10 @@ class ServeConfig(_Strict):
     http_port: int = Field(8000, ge=0, le=65535, description="public HTTP port (OpenAI-compatible API, /health, /metrics)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus scrape port (/metrics)")
     host: str = Field("127.0.0.1", description="address the public ports bind (0.0.0.0 in a pod)")
+    tls: TLSConfig | None = Field(None, description="TLS on the public gRPC and HTTP ports (the metrics port stays plaintext)")
+    auth_token_file: str | None = Field(None, description="file holding the bearer token every public gRPC/HTTP call must carry (health and metrics excepted)")
     gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for the gateway/coordinator replica")
+    gateway_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the gateway replica needs (the Helm chart pins it to the head pod, whose Services expose the public ports)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ServeConfig":

@@ -23,6 +23,7 @@ from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.prompts import check_shared_tokenizer
+from services.security import Security
 from services.wire import DTYPE_NAMES
 from services.worker.server import create_server as create_worker_server
 from services.worker.tensor_parallel import start_tensor_parallel_worker
@@ -84,10 +85,13 @@ class GatewayReplica:
         gateway = Gateway(compositions, tokenizers, self.scheduler, config.default_composition, gateway_limits, metrics)
         metrics.add_state(scheduler_state(self.scheduler))
         metrics.add_state(worker_state(self.directory.labelled_clients))
-        self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}")
-        self.http_server, http_port = start_http_server(create_app(gateway), config.host, config.http_port)
+        tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
+        security = Security.from_files(*(tls or (None, None)), config.auth_token_file)
+        self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security)
+        self.http_server, http_port = start_http_server(create_app(gateway, security), config.host, config.http_port, tls)
         self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port)
-        self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"http://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}
+        scheme = "https" if tls else "http"
+        self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"{scheme}://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}
         log.info("EFT Serve endpoints %s, workers %s", self.endpoints_, self.directory.addresses())
 
     def endpoints(self) -> dict[str, str]:

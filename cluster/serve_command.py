@@ -27,7 +27,9 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     print(f"  Prometheus metrics      {deployment.metrics}", flush=True)
     print(f"compositions: {names} (default {config.default_composition})", flush=True)
     print(f"try: eft generate 'what is the capital of ...' --address {deployment.address} --stream", flush=True)
-    if demo:
+    if demo and (config.tls or config.auth_token_file):
+        print("(no demo request: this config turns on TLS or auth; use eft generate --ca-cert/--token)", flush=True)
+    elif demo:
         _demo_request(deployment.address, config)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,7 +1,7 @@
 """Starting a gRPC server the way every EFT Serve service does: message limits sized for
 logits, grpc.health.v1 reporting SERVING, and server reflection."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -17,15 +17,18 @@ def start_grpc_server(
     address: str = "127.0.0.1:0",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     threads: int = 32,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
-    """A started server; returns it and the bound port (``address`` may ask for port 0)."""
+    """A started server; returns it and the bound port (``address`` may ask for port 0).
+    ``credentials``: TLS (plaintext without); ``interceptors``: e.g. the bearer-token check."""
     options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, interceptors=list(interceptors))
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()

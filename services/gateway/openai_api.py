@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eft_core import EFTError, InvalidArgumentError
 from services.gateway.gateway import Gateway
 from services.pb.eft.v1 import eft_pb2
+from services.security import OPEN_HTTP_PATHS, Security
 
 FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
@@ -86,8 +87,15 @@ class ChatBody(_Body):
     top_logprobs: Literal[0] | None = None
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway, security: Security = Security()) -> FastAPI:
     app = FastAPI(title="EFT Serve", description="OpenAI-compatible API of EFT Serve", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def bearer_token(request: Request, call_next):
+        if request.url.path in OPEN_HTTP_PATHS or security.authorized(request.headers.get("authorization")):
+            return await call_next(request)
+        message = "missing bearer token (header Authorization: Bearer <token>)" if "authorization" not in request.headers else "invalid bearer token"
+        return _error_json(401, message, None)
 
     @app.exception_handler(EFTError)
     async def eft_error(request: Request, error: EFTError):
@@ -330,13 +338,15 @@ def _error_json(status: int, message: str, param: str | None) -> JSONResponse:
 # --- the server --------------------------------------------------------------------------
 
 
-def start_http_server(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, int]:
-    """Serve ``app`` on host:port (0: any free port) from a daemon thread; returns the server
-    (``should_exit = True`` stops it) and the bound port."""
+def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None = None) -> tuple[uvicorn.Server, int]:
+    """Serve ``app`` on host:port (0: any free port) from a daemon thread, over TLS with
+    ``tls_files`` (cert, key PEM paths); returns the server (``should_exit = True`` stops it)
+    and the bound port."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    cert, key = tls_files or (None, None)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, ssl_certfile=cert, ssl_keyfile=key))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="eft-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -7,6 +7,7 @@ from services.errors import aborts_on_errors, status_of
 from services.gateway.gateway import Gateway
 from services.grpc_server import start_grpc_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from services.security import Security
 
 SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EFTService"].full_name
 
@@ -46,6 +47,8 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
         return replies
 
 
-def create_server(gateway: Gateway, address: str = "127.0.0.1:0") -> tuple[grpc.Server, int]:
-    """A started EFTService server with health (SERVING) and reflection; returns it and its port."""
-    return start_grpc_server(lambda server: eft_pb2_grpc.add_EFTServiceServicer_to_server(EFTServicer(gateway), server), SERVICE_NAME, address)
+def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Security = Security()) -> tuple[grpc.Server, int]:
+    """A started EFTService server with health (SERVING) and reflection, TLS and a bearer
+    token if ``security`` asks; returns it and its port."""
+    add = lambda server: eft_pb2_grpc.add_EFTServiceServicer_to_server(EFTServicer(gateway), server)  # noqa: E731
+    return start_grpc_server(add, SERVICE_NAME, address, credentials=security.grpc_credentials(), interceptors=security.grpc_interceptors())

@@ -1,0 +1,75 @@
+{{/* Names and labels shared by the templates. */}}
+
+{{- define "eft-serve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "eft-serve.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selects the head pod, which serves the public ports. */}}
+{{- define "eft-serve.headSelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+eft-serve/role: head
+{{- end -}}
+
+{{/* The application's config: values.serve plus the ports, the pod bind address, TLS/auth
+files and the gateway's pinning to the head pod. */}}
+{{- define "eft-serve.serveArgs" -}}
+{{- $args := deepCopy .Values.serve -}}
+{{- $models := dict -}}
+{{- range .Values.serve.models -}}
+{{- $_ := set $models .name (omit . "name") -}}
+{{- end -}}
+{{- $_ := set $args "models" $models -}}
+{{- $_ := set $args "grpc_port" (int .Values.ports.grpc) -}}
+{{- $_ := set $args "http_port" (int .Values.ports.http) -}}
+{{- $_ := set $args "metrics_port" (int .Values.ports.metrics) -}}
+{{- $_ := set $args "host" "0.0.0.0" -}}
+{{- $_ := set $args "gateway_resources" (dict "eft-gateway" 1) -}}
+{{- if .Values.tls.enabled -}}
+{{- $_ := set $args "tls" (dict "cert_file" "/etc/eft/tls/tls.crt" "key_file" "/etc/eft/tls/tls.key") -}}
+{{- end -}}
+{{- if .Values.auth.enabled -}}
+{{- $_ := set $args "auth_token_file" (printf "/etc/eft/auth/%s" .Values.auth.secretKey) -}}
+{{- end -}}
+{{- toYaml $args -}}
+{{- end -}}
+
+{{- define "eft-serve.image" -}}
+image: {{ printf "%s:%s" .Values.image.repository .Values.image.tag | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+{{- end -}}
+
+{{- define "eft-serve.modelVolumeMount" -}}
+{{- if .Values.modelVolume.persistentVolumeClaim }}
+- name: models
+  mountPath: {{ .Values.modelVolume.mountPath }}
+  readOnly: {{ .Values.modelVolume.readOnly }}
+{{- end }}
+{{- end -}}
+
+{{- define "eft-serve.modelVolume" -}}
+{{- if .Values.modelVolume.persistentVolumeClaim }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ .Values.modelVolume.persistentVolumeClaim }}
+    readOnly: {{ .Values.modelVolume.readOnly }}
+{{- end }}
+{{- end -}}
+
+{{- define "eft-serve.grpcProbe" -}}
+grpc:
+  port: {{ .Values.ports.grpc }}
+  service: eft.v1.EFTService
+{{- end -}}
