@@ -111,13 +111,14 @@ class OracleEngine:
         weights: Mapping[str, float] | None = None,
         draft_k: int = 0,
         keep_logits: bool = False,
+        ignore_eos: bool = False,
     ) -> OracleResult:
-        """One completion; stops at the tokenizer's EOS. ``keep_logits``: return every scored
-        model's logits at each emitted position (speculation off)."""
+        """One completion; stops at the tokenizer's EOS unless ``ignore_eos``. ``keep_logits``:
+        return every scored model's logits at each emitted position (speculation off)."""
         chosen = self.composition(composition)
         sources = self.sources(chosen, prompt, speculative=draft_k > 0)
         recorders = {n: RecordingSource(s) for n, s in sources.items()} if keep_logits and not draft_k else None
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in params.stop_token_ids:
+        if not ignore_eos and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in params.stop_token_ids:
             params = replace(params, stop_token_ids=(*params.stop_token_ids, self.tokenizer.eos_token_id))
         generation = generate(recorders or sources, chosen, params, weights=weights, vocab_size=self.vocab_size, draft_k=draft_k)
         text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)

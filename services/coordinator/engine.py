@@ -9,8 +9,8 @@ Per iteration:
    drafts, asking for the last k + 1 logits (one Extend call per worker, for all requests);
 3. **decide**: per request, eft_core combines the logits, then samples one token (k = 0)
    or accepts a prefix of the drafts plus a recovered or bonus token;
-4. **roll back**: caches that hold rejected drafts are truncated; finished requests release
-   every session they held.
+4. **roll back**: caches that hold rejected drafts are truncated by the cache's next call
+   (``truncate_to``, no call of its own); finished requests release every session they held.
 
 Requests that do not speculate wait for the draft call in iterations where others
 speculate: one batched scoring call per worker per iteration costs the base model less than
@@ -56,7 +56,8 @@ class EngineRequest:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     unsent: dict[str, list[int]] = field(default_factory=dict)  # session key -> tokens its cache lacks
-    cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds
+    cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds (after pending rollbacks)
+    rollback: dict[str, int] = field(default_factory=dict)  # session key -> length to truncate to, sent with its next call
     placement: dict[str, WorkerClient] = field(default_factory=dict)  # model -> the replica holding its caches
 
     def __post_init__(self):
@@ -108,12 +109,11 @@ class Engine:
         scored = self._score([r for r in active if not r.done], drafted)
         if drafted:
             self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
-        truncations = []
         for r in active:
             if not r.done:
                 emitted = self._decide(r, scored[r.id], drafted.get(r.id))
-                truncations += [] if r.done else [(r.placement[m], s, m, n) for m, s, n in self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)]
-        self._gather([self.pool.submit(client.truncate, session, model, keep) for client, session, model, keep in truncations])
+                if not r.done:
+                    self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)
         self.release([r for r in active if r.done])
 
     def release(self, requests: list[EngineRequest]) -> None:
@@ -165,7 +165,7 @@ class Engine:
         calls = defaultdict(list)
         for r in requests:
             drafter = r.composition.drafter_model
-            calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params)))
+            calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params, r.rollback.pop(_DRAFT, None))))
         results = {}
         for (r, _), answer in self._call_all(calls, "draft", lambda client, items: client.draft(items, self.logits_dtype)):
             results[r.id] = (answer.draft_tokens, answer.logits)
@@ -177,7 +177,7 @@ class Engine:
         for r in requests:
             drafts = drafted.get(r.id, ([], None))[0]
             for model in r.composition.scored_models:
-                calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, num_logits=len(drafts) + 1)))
+                calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, len(drafts) + 1, r.rollback.pop(model, None))))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, "extend", lambda client, items: client.extend(items, self.logits_dtype)):
             results[r.id][item.model] = answer.logits
@@ -193,11 +193,8 @@ class Engine:
             emitted = [int(sample(target, r.sampling, nucleus)[0][0])]
         else:
             emitted = self._accept(r, target, nucleus, *drafted)
-        for position, token in enumerate(emitted):
-            if not r.done:
-                self._emit(r, token, position, target, per_model)
+        self._emit(r, emitted, target, per_model)
         return emitted
-
     def _accept(self, r: EngineRequest, target, nucleus, drafts: list[int], draft_logits: torch.Tensor) -> list[int]:
         k = len(drafts)
         target_probs = sampling_probs(target, r.sampling.rows_of([0] * (k + 1)), nucleus)
@@ -217,38 +214,42 @@ class Engine:
         if score_s > 0:
             self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_s / k) / score_s
 
-    def _emit(self, r: EngineRequest, token: int, position: int, target, per_model) -> None:
-        r.tokens.append(token)
-        r.logprobs.append(float(target[position, token]))
-        at = {m: t[:, position : position + 1] for m, t in per_model.items()}
-        r.rewards.append(implicit_rewards(at, r.composition, torch.tensor([[token]]), self.vocab_size)[0, 0].tolist())
-        if token in r.params.stop_token_ids:
-            r.finish_reason = "stop"
-        elif len(r.tokens) >= r.params.max_tokens:
-            r.finish_reason = "length"
+    def _emit(self, r: EngineRequest, emitted: list[int], target: torch.Tensor, per_model: dict[str, torch.Tensor]) -> None:
+        """Append the tokens (their logprobs and implicit rewards computed at once) until a stop."""
+        n = len(emitted)
+        tokens = torch.tensor([emitted])
+        logprobs = target[torch.arange(n), tokens[0]].tolist()
+        rewards = implicit_rewards({m: t[:, :n] for m, t in per_model.items()}, r.composition, tokens, self.vocab_size)[0].tolist()
+        for token, logprob, reward in zip(emitted, logprobs, rewards):
+            r.tokens.append(token)
+            r.logprobs.append(logprob)
+            r.rewards.append(reward)
+            if token in r.params.stop_token_ids:
+                r.finish_reason = "stop"
+            elif len(r.tokens) >= r.params.max_tokens:
+                r.finish_reason = "length"
+            if r.done:
+                return
 
-    def _roll_back(self, r: EngineRequest, drafts: list[int], emitted: list[int]) -> list[tuple[str, str, int]]:
+    def _roll_back(self, r: EngineRequest, drafts: list[int], emitted: list[int]) -> None:
         """Keep the accepted drafts in every cache; the last emitted token is sent next time.
-        Returns the truncations to make, as (model, session, length)."""
+        Rejected drafts are cut by a rollback that rides on each cache's next call."""
         k, accepted, last = len(drafts), len(emitted) - 1, emitted[-1]
-        truncations = []
         for model in r.composition.scored_models:  # they hold all k drafts
-            truncations += self._keep(r, model, r.id, model, r.cached[model] - k + accepted)
+            self._keep(r, model, r.cached[model] - k + accepted)
             r.unsent[model] = [last]
         if r.draft_k and k:  # the drafter holds k - 1 drafts: its last one was never fed
             fed = k - 1
-            truncations += self._keep(r, _DRAFT, r.id + _DRAFT, r.composition.drafter_model, r.cached[_DRAFT] - fed + min(accepted, fed))
+            self._keep(r, _DRAFT, r.cached[_DRAFT] - fed + min(accepted, fed))
             r.unsent[_DRAFT] = ([drafts[-1]] if accepted == k else []) + [last]
         elif r.draft_k:
             r.unsent[_DRAFT] = r.unsent[_DRAFT] + [last]
-        return truncations
 
     @staticmethod
-    def _keep(r: EngineRequest, key: str, session: str, model: str, length: int) -> list[tuple[str, str, int]]:
-        if length >= r.cached[key]:
-            return []
-        r.cached[key] = length
-        return [(model, session, length)]
+    def _keep(r: EngineRequest, key: str, length: int) -> None:
+        if length < r.cached[key]:
+            r.cached[key] = length
+            r.rollback[key] = min(length, r.rollback.get(key, length))
 
     def _call_all(self, calls: dict, method: str, call):
         """One call per worker, concurrently; a failed call fails just its requests."""
@@ -269,8 +270,3 @@ class Engine:
             logits_bytes = sum(a.logits.nbytes for a in answers)
             self.metrics.observe_worker_call(getattr(client, "address", "in-process"), method, time.perf_counter() - started, len(items), logits_bytes)
         return answers
-
-    @staticmethod
-    def _gather(futures) -> None:
-        for future in futures:
-            future.result()

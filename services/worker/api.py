@@ -9,23 +9,28 @@ from eft_core import SamplingParams
 
 @dataclass(frozen=True)
 class ExtendItem:
-    """Append ``token_ids`` to a (session, model) cache and return the last ``num_logits`` logits."""
+    """Append ``token_ids`` to a (session, model) cache and return the last ``num_logits``
+    logits; with ``truncate_to``, first keep only that many cached tokens (a rollback that
+    rides on the call instead of a Truncate of its own)."""
 
     session_id: str
     model: str
     token_ids: list[int]
     num_logits: int = 1
+    truncate_to: int | None = None
 
 
 @dataclass(frozen=True)
 class DraftItem:
-    """Append ``token_ids``, then sample ``num_draft`` tokens from ``model`` with ``sampling``."""
+    """Append ``token_ids``, then sample ``num_draft`` tokens from ``model`` with ``sampling``
+    (``truncate_to`` as in ExtendItem)."""
 
     session_id: str
     model: str
     token_ids: list[int]
     num_draft: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    truncate_to: int | None = None
 
 
 @dataclass(frozen=True)

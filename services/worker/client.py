@@ -4,6 +4,8 @@ Both transports return the same values (logits already in the wire dtype), so th
 coordinator and tests can use either; only the gRPC one crosses processes.
 """
 
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -47,12 +49,25 @@ class InProcessWorkerClient:
         return self.worker.release(list(session_ids))
 
 
+@dataclass
+class CallTiming:
+    """Totals over a client's calls of one method: transport share = 1 - compute / wall."""
+
+    calls: int = 0
+    wall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def add(self, wall: float, compute: float) -> None:
+        self.calls, self.wall_seconds, self.compute_seconds = self.calls + 1, self.wall_seconds + wall, self.compute_seconds + compute
+
+
 class GrpcWorkerClient:
     """Calls a worker over gRPC; failed calls raise the project's error types."""
 
     def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
         self.address = address
+        self.timing = {"extend": CallTiming(), "draft": CallTiming()}
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
         self.timeout = timeout
@@ -67,10 +82,19 @@ class GrpcWorkerClient:
         return convert.info_from_proto(self._call(self.stub.Info, worker_pb2.InfoRequest()))
 
     def extend(self, items, logits_dtype=torch.float32):
-        return convert.extended_from_proto(self._call(self.stub.Extend, convert.extend_request(items, logits_dtype)))
+        return self._timed("extend", lambda: self._call(self.stub.Extend, convert.extend_request(items, logits_dtype)), convert.extended_from_proto)
 
     def draft(self, items, logits_dtype=torch.float32):
-        return convert.drafted_from_proto(self._call(self.stub.Draft, convert.draft_request(items, logits_dtype)))
+        return self._timed("draft", lambda: self._call(self.stub.Draft, convert.draft_request(items, logits_dtype)), convert.drafted_from_proto)
+
+    def _timed(self, method: str, call, decode):
+        """Run a model call, adding its wall time (encoding, transport, decoding included) and
+        the worker's own compute time to ``self.timing[method]``."""
+        started = time.perf_counter()
+        response = call()
+        answers = decode(response)
+        self.timing[method].add(time.perf_counter() - started, response.compute_seconds)
+        return answers
 
     def truncate(self, session_id, model, length):
         request = worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length)

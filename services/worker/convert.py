@@ -15,12 +15,16 @@ def dtype_enum(dtype: torch.dtype) -> int:
 
 
 def extend_items_from_proto(request: worker_pb2.ExtendRequest) -> list[ExtendItem]:
-    return [ExtendItem(i.session_id, i.model, list(i.token_ids), i.num_logits) for i in request.items]
+    return [ExtendItem(i.session_id, i.model, list(i.token_ids), i.num_logits, _truncate_to(i)) for i in request.items]
+
+
+def _truncate_to(item) -> int | None:
+    return item.truncate_to if item.HasField("truncate_to") else None
 
 
 def extend_request(items: list[ExtendItem], logits_dtype: torch.dtype) -> worker_pb2.ExtendRequest:
     return worker_pb2.ExtendRequest(
-        items=[worker_pb2.ExtendItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_logits=i.num_logits) for i in items],
+        items=[worker_pb2.ExtendItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_logits=i.num_logits, truncate_to=i.truncate_to) for i in items],
         logits_dtype=dtype_enum(logits_dtype),
     )
 
@@ -34,7 +38,7 @@ def extended_from_proto(response: worker_pb2.ExtendResponse) -> list[Extended]:
 
 
 def draft_items_from_proto(request: worker_pb2.DraftRequest) -> list[DraftItem]:
-    return [DraftItem(i.session_id, i.model, list(i.token_ids), i.num_draft, _sampling(i.sampling, n)) for n, i in enumerate(request.items)]
+    return [DraftItem(i.session_id, i.model, list(i.token_ids), i.num_draft, _sampling(i.sampling, n), _truncate_to(i)) for n, i in enumerate(request.items)]
 
 
 def draft_request(items: list[DraftItem], logits_dtype: torch.dtype) -> worker_pb2.DraftRequest:
@@ -42,7 +46,7 @@ def draft_request(items: list[DraftItem], logits_dtype: torch.dtype) -> worker_p
         return worker_pb2.DraftSampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, has_seed=p.seed is not None, seed=p.seed or 0)
 
     return worker_pb2.DraftRequest(
-        items=[worker_pb2.DraftItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_draft=i.num_draft, sampling=sampling(i.sampling)) for i in items],
+        items=[worker_pb2.DraftItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_draft=i.num_draft, sampling=sampling(i.sampling), truncate_to=i.truncate_to) for i in items],
         logits_dtype=dtype_enum(logits_dtype),
     )
 

@@ -8,6 +8,7 @@ command; rank 0 serves gRPC, the others follow it (services/worker/tensor_parall
 """
 
 import argparse
+import time
 import logging
 import signal
 import subprocess
@@ -36,13 +37,17 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
 
     @aborts_on_errors
     def Extend(self, request, context):
-        dtype = wire_dtype(request.logits_dtype)
-        return convert.extend_response(self.worker.extend(convert.extend_items_from_proto(request), dtype), dtype)
+        started, dtype = time.perf_counter(), wire_dtype(request.logits_dtype)
+        response = convert.extend_response(self.worker.extend(convert.extend_items_from_proto(request), dtype), dtype)
+        response.compute_seconds = time.perf_counter() - started
+        return response
 
     @aborts_on_errors
     def Draft(self, request, context):
-        dtype = wire_dtype(request.logits_dtype)
-        return convert.draft_response(self.worker.draft(convert.draft_items_from_proto(request), dtype), dtype)
+        started, dtype = time.perf_counter(), wire_dtype(request.logits_dtype)
+        response = convert.draft_response(self.worker.draft(convert.draft_items_from_proto(request), dtype), dtype)
+        response.compute_seconds = time.perf_counter() - started
+        return response
 
     @aborts_on_errors
     def Truncate(self, request, context):
@@ -71,12 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to bind; port 0 picks a free one (default: %(default)s)")
     parser.add_argument("--max-sessions", type=int, default=256, help="(session, model) caches held at once (default: %(default)s)")
     parser.add_argument("--max-cached-tokens", type=int, default=1 << 20, help="tokens held over all caches (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for the (single) model, one process each (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by rank 0 for its followers
     parser.add_argument("--master-port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = [_model_spec(parser, spec) for spec in args.model]
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.tp < 1 or (args.tp > 1 and len(specs) != 1):
         parser.error("--tp must be >= 1, and a tensor-parallel worker hosts exactly one model")
     try:

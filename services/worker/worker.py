@@ -98,6 +98,7 @@ class ModelWorker:
         self._validate(items, extra_tokens=[0] * len(items))
         for i, item in enumerate(items):
             require(0 <= item.num_logits <= len(item.token_ids), f"items[{i}].num_logits", f"must be in [0, {len(item.token_ids)}], got {item.num_logits}")
+        self._apply_truncations(items)
         results = {}
         for model, rows in self._by_model(items).items():
             batch, sessions = self._batch(model, [items[i] for i in rows])
@@ -112,6 +113,7 @@ class ModelWorker:
         for i, item in enumerate(items):
             require(isinstance(item.num_draft, int) and item.num_draft >= 1, f"items[{i}].num_draft", f"must be >= 1, got {item.num_draft}")
         self._validate(items, extra_tokens=[item.num_draft - 1 for item in items])
+        self._apply_truncations(items)
         results = {}
         for model, rows in self._by_model(items).items():
             chosen = [items[i] for i in rows]
@@ -132,6 +134,12 @@ class ModelWorker:
     def _release(self, session_ids: list[str]) -> int:
         return self.store.release(session_ids)
 
+    def _apply_truncations(self, items) -> None:
+        """The rollbacks riding on a call (validated already), before it runs."""
+        for item in items:
+            if item.truncate_to is not None:
+                self._truncate(item.session_id, item.model, item.truncate_to)
+
     # --- internals -----------------------------------------------------------------------
 
     def _validate(self, items, extra_tokens: list[int]) -> None:
@@ -146,11 +154,15 @@ class ModelWorker:
             bad = [t for t in item.token_ids if not 0 <= t < hosted.tokenizer_size]
             require(not bad, f"items[{i}].token_ids", f"ids {bad[:5]} outside the vocabulary [0, {hosted.tokenizer_size})")
             session = self.store.peek(item.session_id, item.model)
-            length = (len(session.tokens) if session else 0) + len(item.token_ids) + extra
+            held = kept = len(session.tokens) if session else 0
+            if item.truncate_to is not None:
+                require(session is not None and 0 <= item.truncate_to <= held, f"items[{i}].truncate_to", f"must be in [0, {held}] (the tokens this session holds), got {item.truncate_to}")
+                kept = item.truncate_to
+            length = kept + len(item.token_ids) + extra
             if length > hosted.max_sequence_length:
                 raise ResourceExhaustedError(f"session would hold {length} tokens, over the model's {hosted.max_sequence_length}", field=f"items[{i}].token_ids")
             new_sessions += session is None
-            new_tokens += len(item.token_ids) + extra
+            new_tokens += len(item.token_ids) + extra - (held - kept)
         self.store.reserve(new_sessions, new_tokens)
 
     def _model(self, name: str, field_name: str) -> HostedModel:

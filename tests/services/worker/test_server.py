@@ -12,7 +12,7 @@ from eft_core import ResourceExhaustedError
 from services.worker.api import ExtendItem
 from services.worker.client import GrpcWorkerClient
 from services.worker.server import SERVICE_NAME, create_server
-from tests.services.worker.processes import start_worker, wait_listening
+from services.worker.processes import finished_output, start_worker, wait_listening
 
 
 @pytest.fixture
@@ -83,6 +83,6 @@ def test_the_worker_process_serves_a_model_folder(quick_family):
 
 def test_an_unreachable_hub_id_is_a_clear_error():
     process = start_worker("--model", "x=some-org/not-a-model", env={"HF_HUB_OFFLINE": "1"})
-    output, _ = process.communicate(timeout=120)
+    output = finished_output(process, timeout=120)
     assert process.returncode == 1
     assert "not a local folder" in output and "Hugging Face hub" in output and "Traceback" not in output

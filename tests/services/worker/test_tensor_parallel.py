@@ -12,7 +12,7 @@ from eft_core import SamplingParams
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import GrpcWorkerClient, InProcessWorkerClient
 from services.worker.worker import ModelWorker, load_hosted_model
-from tests.services.worker.processes import start_worker, wait_listening
+from services.worker.processes import start_worker, wait_listening
 
 STARTUP_SECONDS = 300
 

@@ -48,6 +48,28 @@ def test_truncate_then_extend_equals_recomputation(client, hosted):
     assert result[0].cache_length == 7
 
 
+def test_a_rollback_riding_on_extend_and_draft_equals_truncate_first(client, hosted):
+    seqs = sequences(large(hosted).tokenizer_size, lengths=(9, 6))
+    client.extend([ExtendItem(name, "large", tokens) for name, tokens in seqs.items()])
+    tail = [7, 8, 9]
+    result = client.extend([ExtendItem("s0", "large", tail, num_logits=3, truncate_to=4), ExtendItem("s1", "large", [5])])
+    torch.testing.assert_close(result[0].logits, full_logits(large(hosted), seqs["s0"][:4] + tail)[-3:], rtol=0, atol=1e-5)
+    assert result[0].cache_length == 7 and result[1].cache_length == 7
+    drafted = client.draft([DraftItem("s1", "large", [6], 2, SamplingParams(temperature=0), truncate_to=2)])[0]
+    assert drafted.cache_length == 2 + 1 + 1  # kept 2, fed 1, and the first of the 2 drafts
+    torch.testing.assert_close(drafted.logits[0], full_logits(large(hosted), seqs["s1"][:2] + [6])[-1], rtol=0, atol=1e-5)
+
+
+def test_a_bad_rollback_is_refused_and_changes_nothing(client):
+    client.extend([ExtendItem("t", "large", [1, 2, 3])])
+    with pytest.raises(InvalidArgumentError, match=r"items\[1\].truncate_to: must be in \[0, 3\]"):
+        client.extend([ExtendItem("u", "large", [4]), ExtendItem("t", "large", [4], truncate_to=5)])
+    with pytest.raises(InvalidArgumentError, match=r"items\[0\].truncate_to: must be in \[0, 0\]"):
+        client.extend([ExtendItem("new", "large", [4], truncate_to=0)])
+    info = client.info()
+    assert (info.sessions, info.cached_tokens) == (1, 3)  # neither the other item nor the rollback happened
+
+
 def test_logits_drop_padding_rows_and_honour_the_wire_dtype(client, hosted):
     model = large(hosted)
     assert model.vocab_size > model.tokenizer_size  # the family pads the large vocabulary
