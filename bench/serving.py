@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 
 from eft_core import Composition, Delta, SamplingParams
 from eft_core.draft_length import ideal_speedup
@@ -186,7 +187,24 @@ class Naive:
         models = {m: load_model(family_dir / m) for m in ("large-base", *PAIR_MODELS)}
         self.engine = OracleEngine(models, {"upscaled": COMPOSITIONS["upscaled"]})
 
+    def calibrate(self, prompts: list) -> int:
+        """Give the research loop its best torch thread count (1 or 2 here)."""
+        timings = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            timings[threads] = self.run(prompts, 0.0, 16).tps
+        self.threads = max(timings, key=timings.get)
+        return self.threads
+
     def run(self, prompts: list, temperature: float, max_tokens: int) -> Run:
+        threads, coordinator = getattr(self, "threads", torch.get_num_threads()), torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self._run(prompts, temperature, max_tokens)
+        finally:
+            torch.set_num_threads(coordinator)
+
+    def _run(self, prompts: list, temperature: float, max_tokens: int) -> Run:
         run = Run()
         started = time.perf_counter()
         for i, messages in enumerate(prompts):
@@ -277,7 +295,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per request (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement (default: %(default)s)")
     parser.add_argument("--rss-requests", type=int, default=500, help="requests of the memory-growth run (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker process (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default: %(default)s: two workers and the coordinator share 2 cores)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"), help="results file (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, fewer requests and settings")
     args = parser.parse_args()
@@ -285,12 +303,13 @@ def main() -> int:
     if args.quick:
         args.rounds, args.requests, args.rss_requests, args.concurrency, args.ks, args.deep_ks = 1, 4, 40, (1, 4), (3,), ("4",)
     study = Study(args)
+    torch.set_num_threads(1)  # the coordinator, as the gateway replica sets it
     print("starting the worker processes and the coordinator ...", flush=True)
     served = Served(study.family_dir, args.threads)
     naive = Naive(study.family_dir)
     prompts = {c: questions(study.family, max(args.requests, c)) for c in args.concurrency}
     served.run("upscaled", spec("3"), prompts[args.concurrency[-1]], args.concurrency[-1], 0.0, 4)  # warm-up
-    naive.run(prompts[1][:2], 0.0, 4)
+    print(f"naive loop: {naive.calibrate(prompts[1][:4])} torch thread(s) is its fastest", flush=True)
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds} ...", flush=True)
         study.measure_round(served, naive, prompts)

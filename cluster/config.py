@@ -43,6 +43,7 @@ class WorkerGroupConfig(_Strict):
     replicas: int = Field(1, ge=1, description="replicas of this group; each request stays on one replica, placed on the least loaded")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine; tp for a tensor-parallel group)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: Ray's OMP_NUM_THREADS, from num_cpus); more threads than cores slow every worker on the node")
     tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")
     max_sessions: int = Field(256, ge=1, description="(session, model) caches held at once")
     max_cached_tokens: int = Field(1 << 20, ge=1, description="tokens held over all caches")

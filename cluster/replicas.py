@@ -11,6 +11,7 @@ cluster/app.py turns them into deployments).
 
 import logging
 
+import torch
 from transformers import AutoTokenizer
 
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig
@@ -41,6 +42,8 @@ def node_address() -> str:
 class WorkerReplica:
     def __init__(self, group: dict, models: dict[str, dict]):
         group = WorkerGroupConfig.model_validate(group)
+        if group.torch_threads is not None:
+            torch.set_num_threads(group.torch_threads)
         configs = {name: ModelConfig.model_validate(models[name]) for name in group.models}
         self.followers = []
         if group.tp > 1:  # this replica is rank 0; ranks 1.. are its child processes
@@ -72,6 +75,7 @@ def _replica_device(device: str) -> str:
 class GatewayReplica:
     async def __init__(self, config: dict, workers: dict):  # Ray Serve awaits an async constructor
         config = ServeConfig.model_validate(config)
+        torch.set_num_threads(1)  # the coordinator's tensors are small: extra threads only spin against the workers
         tokenizers = {name: _tokenizer(m) for name, m in config.models.items()}
         compositions = {c.name: _composition(c) for c in config.compositions}
         vocab_size = check_shared_tokenizer(tokenizers)  # one engine, one vocabulary

@@ -76,6 +76,12 @@ class SamplingBatch:
         )
 
     @property
+    def all_greedy(self) -> bool:
+        """Every row greedy and none conservative: the best token is the argmax, whatever the
+        top-k/top-p (they always keep the best token)."""
+        return bool((self.temperature == 0).all()) and not bool(self.conservative.any())
+
+    @property
     def rows(self) -> int:
         return self.temperature.shape[0]
 
@@ -99,6 +105,8 @@ def sampling_probs(
 ) -> torch.Tensor:  # [rows, vocab] float32: the distribution each row samples from
     """Apply temperature, top-k and top-p; greedy rows become one-hot on their best kept token."""
     assert logprobs.dim() == 2 and logprobs.shape[0] == batch.rows, logprobs.shape
+    if batch.all_greedy:  # the fast path; the same one-hot as below
+        return one_hot_argmax(logprobs.float()).float()
     temperature = torch.where(batch.temperature == 0, FILTER_TEMPERATURE_WHEN_GREEDY, batch.temperature)[:, None]
     scaled = logprobs.float() / temperature
     scaled = scaled.masked_fill(~top_k_mask(scaled, batch.top_k), -math.inf)
@@ -170,6 +178,9 @@ def sample(
     """Sample one token per row. The logprob returned is the token's under ``logprobs``
     (the model's distribution before temperature and filters, as vLLM reports it)."""
     probs = sampling_probs(logprobs, batch, nucleus_logprobs)
+    if batch.all_greedy:  # no random numbers drawn: nothing depends on them
+        tokens = probs.argmax(dim=-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     tokens = sample_from_probs(probs, batch.generators)
     greedy = batch.temperature == 0
     tokens = torch.where(greedy, probs.argmax(dim=-1), tokens)

@@ -201,7 +201,10 @@ class ModelWorker:
             active = [row for row, item in enumerate(items) if step < item.num_draft]
             wire = self._wire(step_logits[active], model, logits_dtype)
             chosen = sampling.rows_of(active)
-            drawn = sample_from_probs(sampling_probs(torch.log_softmax(wire.float(), dim=-1), chosen), chosen.generators)
+            if chosen.all_greedy:
+                drawn = wire.float().argmax(dim=-1)
+            else:
+                drawn = sample_from_probs(sampling_probs(torch.log_softmax(wire.float(), dim=-1), chosen), chosen.generators)
             for position, row in enumerate(active):
                 tokens[row].append(int(drawn[position]))
                 kept[row].append(wire[position])
