@@ -191,7 +191,7 @@ class Naive:
         """Give the research loop its best torch thread count (1 or 2 here)."""
         timings = {}
         for threads in (1, 2):
-            torch.set_num_threads(threads)
+            self.threads = threads
             timings[threads] = self.run(prompts, 0.0, 16).tps
         self.threads = max(timings, key=timings.get)
         return self.threads

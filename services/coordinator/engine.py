@@ -7,8 +7,9 @@ Per iteration:
    drafter worker, for all of them);
 2. **score**: every request sends each scored model the tokens its cache lacks, plus the
    drafts, asking for the last k + 1 logits (one Extend call per worker, for all requests);
-3. **decide**: per request, eft_core combines the logits, then samples one token (k = 0)
-   or accepts a prefix of the drafts plus a recovered or bonus token;
+3. **decide**: eft_core combines the logits, then samples one token for the requests that
+   do not speculate (one batch per composition) or, per speculating request, accepts a
+   prefix of its drafts plus a recovered or bonus token;
 4. **roll back**: caches that hold rejected drafts are truncated by the cache's next call
    (``truncate_to``, no call of its own); finished requests release every session they held.
 
@@ -109,9 +110,10 @@ class Engine:
         scored = self._score([r for r in active if not r.done], drafted)
         if drafted:
             self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
+        sampled = self._sample_all([r for r in active if not r.done and r.id not in drafted], scored)
         for r in active:
             if not r.done:
-                emitted = self._decide(r, scored[r.id], drafted.get(r.id))
+                emitted = self._accept_drafts(r, scored[r.id], drafted[r.id]) if r.id in drafted else sampled[r.id]
                 if not r.done:
                     self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)
         self.release([r for r in active if r.done])
@@ -167,7 +169,7 @@ class Engine:
             drafter = r.composition.drafter_model
             calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params, r.rollback.pop(_DRAFT, None))))
         results = {}
-        for (r, _), answer in self._call_all(calls, "draft", lambda client, items: client.draft(items, self.logits_dtype)):
+        for (r, _), answer in self._call_all(calls, "draft"):
             results[r.id] = (answer.draft_tokens, answer.logits)
             r.cached[_DRAFT] = answer.cache_length
         return results
@@ -179,22 +181,45 @@ class Engine:
             for model in r.composition.scored_models:
                 calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, len(drafts) + 1, r.rollback.pop(model, None))))
         results = defaultdict(dict)
-        for (r, item), answer in self._call_all(calls, "extend", lambda client, items: client.extend(items, self.logits_dtype)):
+        for (r, item), answer in self._call_all(calls, "extend"):
             results[r.id][item.model] = answer.logits
             r.cached[item.model] = answer.cache_length
         return results
 
-    def _decide(self, r: EngineRequest, logits: dict[str, torch.Tensor], drafted) -> list[int]:
-        """Sample (no drafts) or accept drafts; emit the tokens; return them."""
+    def _sample_all(self, requests: list[EngineRequest], scored) -> dict[str, list[int]]:
+        """One token per request that does not speculate: combined, sampled and emitted as one
+        batch per composition (per-row weights, sampling settings and generators)."""
+        groups = defaultdict(list)
+        for r in requests:
+            groups[r.composition.name].append(r)
+        sampled = {}
+        for rows in groups.values():
+            composition = rows[0].composition
+            per_model = {m: torch.stack([scored[r.id][m].float() for r in rows]) for m in composition.scored_models}  # [B, 1, vocab]
+            weights = torch.tensor([list(r.weights) for r in rows], dtype=torch.float32).reshape(len(rows), len(composition.deltas))
+            target = eft_logprobs(per_model, composition, weights, self.vocab_size)  # [B, 1, vocab]
+            nucleus = torch.log_softmax(per_model[composition.nucleus_model][:, 0, : self.vocab_size], dim=-1)
+            batch = SamplingBatch.from_params([r.params for r in rows], {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
+            tokens, _ = sample(target[:, 0], batch, nucleus)
+            rewards = implicit_rewards(per_model, composition, tokens[:, None], self.vocab_size)  # [B, 1, deltas]
+            logprobs = target[:, 0].gather(-1, tokens[:, None])[:, 0]
+            for i, r in enumerate(rows):
+                sampled[r.id] = [int(tokens[i])]
+                self._emit(r, sampled[r.id], [float(logprobs[i])], rewards[i].tolist())
+        return sampled
+
+    def _accept_drafts(self, r: EngineRequest, logits: dict[str, torch.Tensor], drafted) -> list[int]:
+        """Accept a prefix of the request's drafts plus a recovered or bonus token; emit them."""
         per_model = {m: t.float()[None] for m, t in logits.items()}  # [1, k + 1, vocab]
         target = eft_logprobs(per_model, r.composition, r.weights, self.vocab_size)[0]  # [k + 1, vocab]
         nucleus = torch.log_softmax(per_model[r.composition.nucleus_model][0, :, : self.vocab_size], dim=-1)
-        if drafted is None:
-            emitted = [int(sample(target, r.sampling, nucleus)[0][0])]
-        else:
-            emitted = self._accept(r, target, nucleus, *drafted)
-        self._emit(r, emitted, target, per_model)
+        emitted = self._accept(r, target, nucleus, *drafted)
+        n = len(emitted)
+        tokens = torch.tensor([emitted])
+        rewards = implicit_rewards({m: t[:, :n] for m, t in per_model.items()}, r.composition, tokens, self.vocab_size)[0]
+        self._emit(r, emitted, target[torch.arange(n), tokens[0]].tolist(), rewards.tolist())
         return emitted
+
     def _accept(self, r: EngineRequest, target, nucleus, drafts: list[int], draft_logits: torch.Tensor) -> list[int]:
         k = len(drafts)
         target_probs = sampling_probs(target, r.sampling.rows_of([0] * (k + 1)), nucleus)
@@ -214,12 +239,9 @@ class Engine:
         if score_s > 0:
             self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_s / k) / score_s
 
-    def _emit(self, r: EngineRequest, emitted: list[int], target: torch.Tensor, per_model: dict[str, torch.Tensor]) -> None:
-        """Append the tokens (their logprobs and implicit rewards computed at once) until a stop."""
-        n = len(emitted)
-        tokens = torch.tensor([emitted])
-        logprobs = target[torch.arange(n), tokens[0]].tolist()
-        rewards = implicit_rewards({m: t[:, :n] for m, t in per_model.items()}, r.composition, tokens, self.vocab_size)[0].tolist()
+    @staticmethod
+    def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]]) -> None:
+        """Append the tokens, their logprobs and implicit rewards, until a stop."""
         for token, logprob, reward in zip(emitted, logprobs, rewards):
             r.tokens.append(token)
             r.logprobs.append(logprob)
@@ -251,22 +273,19 @@ class Engine:
             r.cached[key] = length
             r.rollback[key] = min(length, r.rollback.get(key, length))
 
-    def _call_all(self, calls: dict, method: str, call):
-        """One call per worker, concurrently; a failed call fails just its requests."""
-        futures = {client: self.pool.submit(self._timed, method, call, client, [item for _, item in batch]) for client, batch in calls.items()}
-        for client, future in futures.items():
+    def _call_all(self, calls: dict, method: str):
+        """One call per worker, all started before any is awaited; a failed call fails just
+        its requests."""
+        started = time.perf_counter()
+        pending = {client: client.start(method, [item for _, item in batch], self.logits_dtype) for client, batch in calls.items()}
+        for client, call in pending.items():
             try:
-                answers = future.result()
+                answers = call.result()
             except EFTError as error:
                 for r, _ in calls[client]:
                     r.error, r.finish_reason = error, "error"
                 continue
+            if self.metrics is not None:
+                seconds, logits_bytes = time.perf_counter() - started, sum(a.logits.nbytes for a in answers)
+                self.metrics.observe_worker_call(getattr(client, "address", "in-process"), method, seconds, len(answers), logits_bytes)
             yield from zip(calls[client], answers)
-
-    def _timed(self, method: str, call, client: WorkerClient, items: list):
-        started = time.perf_counter()
-        answers = call(client, items)
-        if self.metrics is not None:
-            logits_bytes = sum(a.logits.nbytes for a in answers)
-            self.metrics.observe_worker_call(getattr(client, "address", "in-process"), method, time.perf_counter() - started, len(items), logits_bytes)
-        return answers

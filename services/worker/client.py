@@ -11,6 +11,7 @@ from typing import Protocol
 import grpc
 import torch
 
+from eft_core import EFTError
 from services.errors import error_from_rpc
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
 from services.worker import convert
@@ -19,10 +20,18 @@ from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from services.worker.worker import ModelWorker
 
 
+class PendingCall(Protocol):
+    def result(self) -> list: ...
+
+
 class WorkerClient(Protocol):
+    """``extend``/``draft`` block; ``start`` issues either without blocking (the coordinator
+    starts one call per worker, then collects them)."""
+
     def info(self) -> WorkerInfo: ...
     def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended]: ...
     def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted]: ...
+    def start(self, method: str, items: list, logits_dtype: torch.dtype = torch.float32) -> PendingCall: ...
     def truncate(self, session_id: str, model: str, length: int) -> int: ...
     def release(self, session_ids: list[str]) -> int: ...
 
@@ -41,6 +50,13 @@ class InProcessWorkerClient:
 
     def draft(self, items, logits_dtype=torch.float32):
         return self.worker.draft(items, logits_dtype)
+
+    def start(self, method, items, logits_dtype=torch.float32):
+        """Runs the call now (in process there is nothing to overlap with)."""
+        try:
+            return _Done(getattr(self, method)(items, logits_dtype))
+        except EFTError as error:
+            return _Done(error=error)
 
     def truncate(self, session_id, model, length):
         return self.worker.truncate(session_id, model, length)
@@ -70,6 +86,10 @@ class GrpcWorkerClient:
         self.timing = {"extend": CallTiming(), "draft": CallTiming()}
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
+        self._methods = {
+            "extend": (self.stub.Extend, convert.extend_request, convert.extended_from_proto),
+            "draft": (self.stub.Draft, convert.draft_request, convert.drafted_from_proto),
+        }
         self.timeout = timeout
 
     def __repr__(self) -> str:
@@ -82,19 +102,15 @@ class GrpcWorkerClient:
         return convert.info_from_proto(self._call(self.stub.Info, worker_pb2.InfoRequest()))
 
     def extend(self, items, logits_dtype=torch.float32):
-        return self._timed("extend", lambda: self._call(self.stub.Extend, convert.extend_request(items, logits_dtype)), convert.extended_from_proto)
+        return self.start("extend", items, logits_dtype).result()
 
     def draft(self, items, logits_dtype=torch.float32):
-        return self._timed("draft", lambda: self._call(self.stub.Draft, convert.draft_request(items, logits_dtype)), convert.drafted_from_proto)
+        return self.start("draft", items, logits_dtype).result()
 
-    def _timed(self, method: str, call, decode):
-        """Run a model call, adding its wall time (encoding, transport, decoding included) and
-        the worker's own compute time to ``self.timing[method]``."""
-        started = time.perf_counter()
-        response = call()
-        answers = decode(response)
-        self.timing[method].add(time.perf_counter() - started, response.compute_seconds)
-        return answers
+    def start(self, method, items, logits_dtype=torch.float32) -> "_GrpcCall":
+        """Issue an Extend or Draft call without blocking; ``.result()`` waits for it."""
+        rpc, encode, decode = self._methods[method]
+        return _GrpcCall(rpc.future(encode(items, logits_dtype), timeout=self.timeout), decode, self.timing[method])
 
     def truncate(self, session_id, model, length):
         request = worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length)
@@ -108,3 +124,31 @@ class GrpcWorkerClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+
+
+class _GrpcCall:
+    """A started model call: ``result()`` decodes the answers, or raises the project's error;
+    it adds the call's wall time and the worker's compute time to ``timing``."""
+
+    def __init__(self, future, decode, timing: CallTiming):
+        self.future, self.decode, self.timing = future, decode, timing
+        self.started = time.perf_counter()
+
+    def result(self) -> list:
+        try:
+            response = self.future.result()
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        answers = self.decode(response)
+        self.timing.add(time.perf_counter() - self.started, response.compute_seconds)
+        return answers
+
+
+class _Done:
+    def __init__(self, answers: list | None = None, error: EFTError | None = None):
+        self.answers, self.error = answers, error
+
+    def result(self) -> list:
+        if self.error is not None:
+            raise self.error
+        return self.answers
