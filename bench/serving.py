@@ -97,13 +97,14 @@ def percentile(values: list[float], q: float) -> float:
 class Served:
     """Worker processes, and the coordinator + gateway in this process behind gRPC."""
 
-    def __init__(self, family_dir: Path, threads: int | None):
-        family = {name: str(family_dir / name) for name in (*BASE_MODELS, *PAIR_MODELS)}
+    def __init__(self, family_dir: Path, threads: int | None, device: str = "cpu", base_models=BASE_MODELS):
+        family = {name: str(family_dir / name) for name in (*base_models, *PAIR_MODELS)}
         extra = ["--threads", str(threads)] if threads else []
-        self.processes = [start_worker(*[a for m in group for a in ("--model", f"{m}={family[m]}")], "--max-sessions", "1024", *extra) for group in (BASE_MODELS, PAIR_MODELS)]
-        addresses = [wait_listening(p, timeout=180) for p in self.processes]
+        extra += ["--device", device] + (["--dtype", "bfloat16"] if device.startswith("cuda") else [])
+        self.processes = [start_worker(*[a for m in group for a in ("--model", f"{m}={family[m]}")], "--max-sessions", "1024", *extra) for group in (base_models, PAIR_MODELS)]
+        addresses = [wait_listening(p, timeout=300) for p in self.processes]
         self.clients = [GrpcWorkerClient(a) for a in addresses]
-        placement = {m: self.clients[0] for m in BASE_MODELS} | {m: self.clients[1] for m in PAIR_MODELS}
+        placement = {m: self.clients[0] for m in base_models} | {m: self.clients[1] for m in PAIR_MODELS}
         from transformers import AutoTokenizer
 
         tokenizers = {m: AutoTokenizer.from_pretrained(path) for m, path in family.items()}
@@ -119,10 +120,13 @@ class Served:
         shares = [prompts[i::concurrency] for i in range(concurrency)]
 
         def client(share, offset):
-            for i, messages in enumerate(share):
+            for i, prompt in enumerate(share):
                 request = eft_pb2.GenerateRequest(composition=composition, speculation=speculation)
                 request.sampling.CopyFrom(eft_pb2.Sampling(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=offset * 1000 + i))
-                request.messages.messages.extend(eft_pb2.ChatMessage(**m) for m in messages)
+                if isinstance(prompt, str):
+                    request.text = prompt
+                else:
+                    request.messages.messages.extend(eft_pb2.ChatMessage(**m) for m in prompt)
                 self._one(request, run, lock)
 
         threads = [threading.Thread(target=client, args=(share, n)) for n, share in enumerate(shares)]
@@ -183,8 +187,9 @@ class Served:
 class Naive:
     """The research loop: the oracle engine, models in this process, one request at a time."""
 
-    def __init__(self, family_dir: Path):
-        models = {m: load_model(family_dir / m) for m in ("large-base", *PAIR_MODELS)}
+    def __init__(self, family_dir: Path, device: str = "cpu"):
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        models = {m: load_model(family_dir / m, dtype, device) for m in ("large-base", *PAIR_MODELS)}
         self.engine = OracleEngine(models, {"upscaled": COMPOSITIONS["upscaled"]})
 
     def calibrate(self, prompts: list) -> int:
@@ -245,15 +250,20 @@ def questions(family, n: int) -> list:
 class Study:
     def __init__(self, args):
         self.args = args
-        family = build_family()
-        self.family_dir = Path(family.path)
-        deep = self.family_dir / "large-base-deep"
-        if not (deep / "config.json").is_file():
-            print(f"building the cost-scaled base (+{DEEP_EXTRA_LAYERS} zero-output layers) ...", flush=True)
-            deepen(self.family_dir / "large-base", deep, DEEP_EXTRA_LAYERS)
-        self.family = family
+        if args.device.startswith("cuda"):  # random weights of real shapes; no cost-scaled stand-in needed
+            from real_shapes import build, prompts  # beside this script
+
+            self.family_dir = build(Path.home() / ".cache" / "eft-serve" / "bench-real-shapes")
+            self.base_models, self.prompts = ("large-base",), lambda n: prompts(n)
+        else:
+            family = build_family()
+            self.family_dir = Path(family.path)
+            deep = self.family_dir / "large-base-deep"
+            if not (deep / "config.json").is_file():
+                print(f"building the cost-scaled base (+{DEEP_EXTRA_LAYERS} zero-output layers) ...", flush=True)
+                deepen(self.family_dir / "large-base", deep, DEEP_EXTRA_LAYERS)
+            self.base_models, self.prompts = BASE_MODELS, lambda n: questions(family, n)
         self.results: dict[str, list] = {}
-        self.notes: dict[str, float] = {}
 
     def record(self, key: str, value) -> None:
         self.results.setdefault(key, []).append(value)
@@ -271,7 +281,7 @@ class Study:
                     if c == 1 or k == a.ks[len(a.ks) // 2]:
                         self.record((f"eft_spec_k{k}", c, t), self._spec_run(served, "upscaled", str(k), reqs, c, temperature))
                 self.record(("eft_spec_auto", c, t), self._spec_run(served, "upscaled", "auto", reqs, c, temperature))
-        for k in ("off", *a.deep_ks, "auto"):
+        for k in ("off", *a.deep_ks, "auto") if "large-base-deep" in self.base_models else ():
             name = "deep_eft" if k == "off" else f"deep_eft_spec_{'auto' if k == 'auto' else 'k' + k}"
             self.record((name, 1, "greedy"), self._spec_run(served, "upscaled-deep", k, prompts[1], 1, 0.0))
 
@@ -298,16 +308,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process (default: %(default)s: two workers and the coordinator share 2 cores)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"), help="results file (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, fewer requests and settings")
+    parser.add_argument("--device", default="cpu", help="cpu (the demo family), or cuda: random-weight models of real shapes (bench/real_shapes.py), bfloat16")
     args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        args.threads = None
     args.concurrency, args.ks, args.deep_ks = (1, 4, 16), (2, 3, 4, 6), ("3", "4", "6", "8")
     if args.quick:
         args.rounds, args.requests, args.rss_requests, args.concurrency, args.ks, args.deep_ks = 1, 4, 40, (1, 4), (3,), ("4",)
     study = Study(args)
     torch.set_num_threads(1)  # the coordinator, as the gateway replica sets it
     print("starting the worker processes and the coordinator ...", flush=True)
-    served = Served(study.family_dir, args.threads)
-    naive = Naive(study.family_dir)
-    prompts = {c: questions(study.family, max(args.requests, c)) for c in args.concurrency}
+    served = Served(study.family_dir, args.threads, args.device, study.base_models)
+    naive = Naive(study.family_dir, args.device)
+    prompts = {c: study.prompts(max(args.requests, c)) for c in args.concurrency}
     served.run("upscaled", spec("3"), prompts[args.concurrency[-1]], args.concurrency[-1], 0.0, 4)  # warm-up
     print(f"naive loop: {naive.calibrate(prompts[1][:4])} torch thread(s) is its fastest", flush=True)
     for r in range(args.rounds):
@@ -378,9 +391,6 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
     t_draft, t_step = draft_wall / drafted, 1.0 / eft
     ideal = (length + 1) / (1 + int(k) * t_draft / t_step)
     modelled = ideal_speedup(min(1.0, accepted / drafted), int(k), t_draft / t_step)
-    dk, deep_spec = best_spec(tps, "deep_eft_spec", args.deep_ks)
-    deep_auto = tps.get(("deep_eft_spec_auto", 1, "greedy"), 0.0)
-    deep_eft = tps[("deep_eft", 1, "greedy")]
     c16 = max(args.concurrency)
     add("eft_spec_best_k", int(k), "drafts/step")
     add("eft_spec_speedup_c1", spec_tps / eft, "ratio")
@@ -389,8 +399,6 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
     add("eft_spec_ideal_speedup_iid_model", modelled, "ratio")
     add("eft_spec_efficiency", spec_tps / eft / ideal, "fraction")
     add("eft_spec_draft_step_cost", t_draft / t_step, "scoring steps")
-    add("eft_spec_speedup_costscaled_c1", max(deep_spec, deep_auto) / deep_eft, "ratio")
-    add("eft_spec_costscaled_best", int(dk) if deep_spec >= deep_auto else 0, "drafts/step (0: adaptive)")
     add("eft_vs_base_only_c1", eft / base, "ratio")
     add("eft_spec_vs_base_only_c1", spec_tps / base, "ratio")
     add(f"eft_c{c16}_vs_naive", tps[("eft", c16, "greedy")] / tps[("naive", c16, "greedy")], "ratio")
@@ -398,16 +406,25 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
     lines.append("")
     lines.append(f"speculation at c=1, greedy: best fixed k={k}: {spec_tps:.1f} tok/s vs eft {eft:.1f} -> {spec_tps / eft:.2f}x;"
                  f" ideal (L+1)/(1+k*t_draft/t_step) = ({length:.2f}+1)/(1+{k}*{t_draft * 1e3:.2f}ms/{t_step * 1e3:.2f}ms) = {ideal:.2f}x; efficiency {spec_tps / eft / ideal:.2f}")
-    lines.append(f"cost-scaled base (+{DEEP_EXTRA_LAYERS} layers): eft {deep_eft:.1f} tok/s, best spec k={dk} {deep_spec:.1f}, auto {deep_auto:.1f} -> {max(deep_spec, deep_auto) / deep_eft:.2f}x")
+    if ("deep_eft", 1, "greedy") in tps:
+        cost_scaled(tps, add, lines, args)
     lines.append(f"eft / base_only (c=1): {eft / base:.2f}; eft_spec / base_only: {spec_tps / base:.2f}; eft c={c16} / naive c={c16}: {tps[('eft', c16, 'greedy')] / tps[('naive', c16, 'greedy')]:.2f}")
-    eft_runs = [x for x in study.results[("eft", 1, "greedy")] if x is not None]
-    transport(served, eft_runs, add, lines)
+    transport(served, study.prompts(1) * 4, add, lines)
 
 
-def transport(served: Served, eft_runs, add, lines) -> None:
+def cost_scaled(tps: dict, add, lines: list, args) -> None:
+    dk, deep_spec = best_spec(tps, "deep_eft_spec", args.deep_ks)
+    deep_auto = tps.get(("deep_eft_spec_auto", 1, "greedy"), 0.0)
+    deep_eft = tps[("deep_eft", 1, "greedy")]
+    add("eft_spec_speedup_costscaled_c1", max(deep_spec, deep_auto) / deep_eft, "ratio")
+    add("eft_spec_costscaled_best", int(dk) if deep_spec >= deep_auto else 0, "drafts/step (0: adaptive)")
+    lines.append(f"cost-scaled base (+{DEEP_EXTRA_LAYERS} layers): eft {deep_eft:.1f} tok/s, best spec k={dk} {deep_spec:.1f}, auto {deep_auto:.1f} -> {max(deep_spec, deep_auto) / deep_eft:.2f}x")
+
+
+def transport(served: Served, prompts: list, add, lines) -> None:
     """Wire bytes per token per model and the transport share, from a fresh eft run."""
     before_bytes, before = served.logits_bytes(), served.timing()
-    run = served.run("upscaled", spec("off"), questions_for_wire(), 1, 0.0, 16)
+    run = served.run("upscaled", spec("off"), prompts, 1, 0.0, 16)
     after_bytes, after = served.logits_bytes(), served.timing()
     scored_models = len(COMPOSITIONS["upscaled"].scored_models)
     per_token = (after_bytes - before_bytes) / run.tokens / scored_models
@@ -420,14 +437,10 @@ def transport(served: Served, eft_runs, add, lines) -> None:
     lines.append(f"wire: {per_token:.0f} bytes of logits per token per model; transport + (de)serialisation: {1 - compute / wall:.0%} of worker-call time, {(wall - compute) / run.tokens / step:.0%} of a decode step")
 
 
-def questions_for_wire() -> list:
-    return [[{"role": "user", "content": "what is the capital of vobi ?"}]] * 4
-
-
 def memory(served: Served, naive: Naive, study: Study, add, lines: list, args) -> None:
     pids = served.pids()
     before = {name: rss_kib(pid) for name, pid in pids.items()}
-    reqs = questions(study.family, args.rss_requests)
+    reqs = study.prompts(args.rss_requests)
     served.run("upscaled", spec("3"), reqs, 16, 1.0, 8)
     after = {name: rss_kib(pid) for name, pid in pids.items()}
     growth = {name: (after[name] - before[name]) / before[name] for name in pids}
