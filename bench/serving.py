@@ -102,7 +102,12 @@ class Served:
         extra = ["--threads", str(threads)] if threads else []
         extra += ["--device", device] + (["--dtype", "bfloat16"] if device.startswith("cuda") else [])
         self.processes = [start_worker(*[a for m in group for a in ("--model", f"{m}={family[m]}")], "--max-sessions", "1024", *extra) for group in (base_models, PAIR_MODELS)]
-        addresses = [wait_listening(p, timeout=300) for p in self.processes]
+        try:
+            addresses = [wait_listening(p, timeout=300) for p in self.processes]
+        except RuntimeError:
+            for process in self.processes:
+                process.kill()
+            raise
         self.clients = [GrpcWorkerClient(a) for a in addresses]
         placement = {m: self.clients[0] for m in base_models} | {m: self.clients[1] for m in PAIR_MODELS}
         from transformers import AutoTokenizer
@@ -127,8 +132,13 @@ class Served:
                     request.text = prompt
                 else:
                     request.messages.messages.extend(eft_pb2.ChatMessage(**m) for m in prompt)
-                self._one(request, run, lock)
+                try:
+                    self._one(request, run, lock)
+                except grpc.RpcError as error:  # reported once, after the run
+                    errors.append(error)
+                    return
 
+        errors: list[grpc.RpcError] = []
         threads = [threading.Thread(target=client, args=(share, n)) for n, share in enumerate(shares)]
         started = time.perf_counter()
         for t in threads:
@@ -136,6 +146,8 @@ class Served:
         for t in threads:
             t.join()
         run.wall = time.perf_counter() - started
+        if errors:
+            raise RuntimeError(f"{len(errors)} requests of {composition!r} failed, the first with {errors[0].code().name}: {errors[0].details()}")
         return run
 
     def _one(self, request, run: Run, lock) -> None:
@@ -309,10 +321,13 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"), help="results file (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, fewer requests and settings")
     parser.add_argument("--device", default="cpu", help="cpu (the demo family), or cuda: random-weight models of real shapes (bench/real_shapes.py), bfloat16")
+    parser.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default: %(default)s)")
+    parser.add_argument("--ks", default="2,3,4,6", help="fixed draft lengths tried at concurrency 1 (default: %(default)s)")
     args = parser.parse_args()
     if args.device.startswith("cuda"):
         args.threads = None
-    args.concurrency, args.ks, args.deep_ks = (1, 4, 16), (2, 3, 4, 6), ("3", "4", "6", "8")
+    args.concurrency, args.ks = tuple(int(c) for c in args.concurrency.split(",")), tuple(int(k) for k in args.ks.split(","))
+    args.deep_ks = ("3", "4", "6", "8")
     if args.quick:
         args.rounds, args.requests, args.rss_requests, args.concurrency, args.ks, args.deep_ks = 1, 4, 40, (1, 4), (3,), ("4",)
     study = Study(args)

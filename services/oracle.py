@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from eft_core import Composition, Generation, NotFoundError, SamplingParams, generate
+from services.hf_compat import cache_kwargs
 from services.prompts import Prompt, check_shared_tokenizer, render_prompt
 
 
@@ -47,7 +48,7 @@ class CachedLogitsSource:
         device = self.model.device
         new = torch.tensor([ids[keep:]], device=device)
         positions = torch.arange(keep, len(ids), device=device)[None]
-        logits = self.model(input_ids=new, position_ids=positions, cache=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=new, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache)).logits
         self.cached = ids
         self.forward_calls += 1
         return logits[0, -1].float().cpu()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from services.hf_compat import cache_kwargs
+
 
 @dataclass
 class SessionKV:
@@ -60,7 +62,7 @@ class PaddedBatch:
         new_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         positions = torch.tensor([[n + j for j in range(width)] for n in self.lengths], device=device)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache))
         self.lengths = [n + len(t) for n, t in zip(self.lengths, tokens)]
         return out.logits
 
