@@ -125,6 +125,8 @@ def top_k_mask(
     top_k: torch.Tensor,  # [rows] int64, 0 = keep all
 ) -> torch.Tensor:  # [rows, vocab] bool: exactly min(k, vocab) tokens kept per filtered row
     vocab = logits.shape[-1]
+    if bool((top_k <= 0).all()):  # no row filters: skip the sort (a real vocabulary makes it costly)
+        return torch.ones_like(logits, dtype=torch.bool)
     k = torch.where(top_k <= 0, vocab, top_k.clamp(max=vocab))
     order = torch.argsort(logits, dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab).expand_as(order))
@@ -135,6 +137,8 @@ def top_p_mask(
     logits: torch.Tensor,  # [rows, vocab] (log-probabilities up to a constant; -inf = excluded)
     top_p: torch.Tensor,  # [rows] float32 in (0, 1], 1 = keep all
 ) -> torch.Tensor:  # [rows, vocab] bool: smallest most-probable set with mass >= top_p
+    if bool((top_p >= 1).all()):  # no row filters: skip the sort
+        return torch.ones_like(logits, dtype=torch.bool)
     probs = torch.softmax(logits, dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
