@@ -7,12 +7,14 @@
 #   TORCH        pip spec of torch installed into a venv that has none (default: the CPU build)
 #   CONSTRAINTS  pip constraints file pinning the tested dependency versions ('' for none)
 #   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS='-k speculative -x'
+#   ARGS         extra arguments of bench/serving.py, e.g. ARGS='--quick' or ARGS='--device cuda'
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
+ARGS ?=
 PIP_FLAGS ?= --quiet --progress-bar off --disable-pip-version-check
 
 BIN := $(VENV)/bin
@@ -21,7 +23,7 @@ STUBS_STAMP := services/pb/.stamp
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .DEFAULT_GOAL := help
-.PHONY: help run eval test install stubs constraints clean prometheus
+.PHONY: help run eval test bench install stubs constraints clean prometheus
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -36,6 +38,10 @@ eval: install stubs  ## reproduce the EFT paper's up-scaling and mixing results 
 
 test: install stubs prometheus  ## set up .venv (torch, the project, its test extra, gRPC stubs), Prometheus, and run pytest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install stubs  ## EFT serving vs its baselines, interleaved (about 7 min); prints a table, writes bench/results.json
+	$(BIN)/eft family build
+	$(BIN)/python bench/serving.py $(ARGS)
 
 install: $(VENV)/.installed  ## create .venv and install torch and the project (editable)
 

@@ -80,7 +80,7 @@ class EngineRequest:
 log = logging.getLogger(__name__)
 _DRAFT = "#draft"  # session key of the drafter's cache
 MAX_ADAPTIVE_K = 8
-INITIAL_DRAFT_COST = 0.25  # until measured: a drafter a few times cheaper than scoring
+INITIAL_DRAFT_COST = 0.25  # until measured: a drafter a few times cheaper than an iteration
 
 
 class Engine:
@@ -95,7 +95,7 @@ class Engine:
         self.metrics = metrics  # services.metrics.ServingMetrics, or None
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
-        self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in scoring calls (measured, smoothed)
+        self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in plain iterations (measured, smoothed)
 
     def step(self, requests: list[EngineRequest]) -> None:
         """Advance every unfinished request by one iteration."""
@@ -108,8 +108,6 @@ class Engine:
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         drafted_at = time.perf_counter()
         scored = self._score([r for r in active if not r.done], drafted)
-        if drafted:
-            self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
         sampled = self._sample_all([r for r in active if not r.done and r.id not in drafted], scored)
         for r in active:
             if not r.done:
@@ -117,6 +115,8 @@ class Engine:
                 if not r.done:
                     self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)
         self.release([r for r in active if r.done])
+        if drafted:
+            self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
 
     def release(self, requests: list[EngineRequest]) -> None:
         """Free every worker session the requests hold (idempotent). A worker that cannot be
@@ -234,10 +234,11 @@ class Engine:
             r.draft_k = best_draft_k(r.acceptance.rate, self.draft_cost, MAX_ADAPTIVE_K)
         return result.emitted(0)
 
-    def _measure_draft_cost(self, draft_s: float, score_s: float, k: int) -> None:
-        """One draft step's cost in scoring calls, from this iteration's phases (smoothed)."""
-        if score_s > 0:
-            self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_s / k) / score_s
+    def _measure_draft_cost(self, draft_s: float, rest_s: float, k: int) -> None:
+        """One draft step's cost in plain iterations (scoring, deciding, rolling back: all an
+        iteration does besides drafting), from this iteration's phases (smoothed)."""
+        if rest_s > 0:
+            self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_s / k) / rest_s
 
     @staticmethod
     def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]]) -> None:
