@@ -44,7 +44,6 @@ import grpc
 import torch
 
 from eft_core import Composition, Delta, SamplingParams
-from eft_core.draft_length import ideal_speedup
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.build import build_family
@@ -405,13 +404,11 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
     drafted = sum(x.drafted for x in runs)
     t_draft, t_step = draft_wall / drafted, 1.0 / eft
     ideal = (length + 1) / (1 + int(k) * t_draft / t_step)
-    modelled = ideal_speedup(min(1.0, accepted / drafted), int(k), t_draft / t_step)
     c16 = max(args.concurrency)
     add("eft_spec_best_k", int(k), "drafts/step")
     add("eft_spec_speedup_c1", spec_tps / eft, "ratio")
     add("eft_spec_auto_speedup_c1", tps[("eft_spec_auto", 1, "greedy")] / eft, "ratio")
     add("eft_spec_ideal_speedup", ideal, "ratio")
-    add("eft_spec_ideal_speedup_iid_model", modelled, "ratio")
     add("eft_spec_efficiency", spec_tps / eft / ideal, "fraction")
     add("eft_spec_draft_step_cost", t_draft / t_step, "scoring steps")
     add("eft_vs_base_only_c1", eft / base, "ratio")
