@@ -2,7 +2,7 @@
 
 import grpc
 
-from eft_core import EFTError
+from eft_core import EFTError, InvalidArgumentError
 from services.errors import aborts_on_errors, status_of
 from services.gateway.gateway import Gateway
 from services.grpc_server import start_grpc_server
@@ -12,16 +12,46 @@ from services.security import Security
 SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EFTService"].full_name
 
 
+class Undecodable:
+    """What a request's bytes became when they are not a valid message (truncated, or a
+    string field that is not UTF-8): the servicer answers INVALID_ARGUMENT, where gRPC's
+    own deserializer would have answered INTERNAL for the client's mistake."""
+
+    def __init__(self, message_class, error: Exception):
+        self.message_class, self.error = message_class, error
+
+    def check(self) -> None:
+        raise InvalidArgumentError(f"not a valid {self.message_class.DESCRIPTOR.full_name}: {self.error}", field="request")
+
+
+def _tolerant(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as error:  # protobuf's DecodeError, and its UTF-8 checks
+            return Undecodable(message_class, error)
+
+    return parse
+
+
+def _decoded(request):
+    if isinstance(request, Undecodable):
+        request.check()
+    return request
+
+
 class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
 
     @aborts_on_errors
     def ListCompositions(self, request, context):
+        _decoded(request)
         return self.gateway.list_compositions()
 
     @aborts_on_errors
     def Generate(self, request, context):
+        request = _decoded(request)
         reply = eft_pb2.GenerateResponse()
         for chunk in self._stream(request, context):
             reply.text += chunk.text
@@ -36,7 +66,7 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
 
     def GenerateStream(self, request, context):
         try:
-            yield from self._stream(request, context)
+            yield from self._stream(_decoded(request), context)
         except EFTError as error:
             context.abort(status_of(error), str(error))
 
@@ -50,5 +80,16 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
 def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Security = Security()) -> tuple[grpc.Server, int]:
     """A started EFTService server with health (SERVING) and reflection, TLS and a bearer
     token if ``security`` asks; returns it and its port."""
-    add = lambda server: eft_pb2_grpc.add_EFTServiceServicer_to_server(EFTServicer(gateway), server)  # noqa: E731
-    return start_grpc_server(add, SERVICE_NAME, address, credentials=security.grpc_credentials(), interceptors=security.grpc_interceptors())
+    return start_grpc_server(lambda server: _add_servicer(EFTServicer(gateway), server), SERVICE_NAME, address, credentials=security.grpc_credentials(), interceptors=security.grpc_interceptors())
+
+
+def _add_servicer(servicer: EFTServicer, server: grpc.Server) -> None:
+    """As the generated add_EFTServiceServicer_to_server, with tolerant request parsing."""
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+    handlers = {
+        "Generate": unary(servicer.Generate, _tolerant(eft_pb2.GenerateRequest), eft_pb2.GenerateResponse.SerializeToString),
+        "GenerateStream": stream(servicer.GenerateStream, _tolerant(eft_pb2.GenerateRequest), eft_pb2.GenerateStreamResponse.SerializeToString),
+        "ListCompositions": unary(servicer.ListCompositions, _tolerant(eft_pb2.ListCompositionsRequest), eft_pb2.ListCompositionsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
