@@ -10,13 +10,14 @@ cluster/app.py turns them into deployments).
 """
 
 import logging
+import os
 
 import torch
 from transformers import AutoTokenizer
 
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig
 from cluster.directory import WorkerDirectory
-from eft_core import Composition, Delta
+from eft_core import Composition, Delta, EFTError
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.gateway.gateway import Gateway, Limits
@@ -63,9 +64,20 @@ class WorkerReplica:
     def sessions(self) -> int:
         return self.worker.info().sessions
 
+    def pid(self) -> int:
+        """This replica's process (fault tests kill it)."""
+        return os.getpid()
+
     def __del__(self):
         if self.followers:
             self.worker.stop_followers()
+
+
+def _sessions(client) -> int | None:
+    try:
+        return client.info().sessions
+    except EFTError:  # a replica that just died
+        return None
 
 
 def _replica_device(device: str) -> str:
@@ -103,8 +115,8 @@ class GatewayReplica:
         return self.endpoints_
 
     def worker_sessions(self) -> dict[str, list[int]]:
-        """Sessions held now by each known replica of each worker group (for tests and checks)."""
-        return {group: [c.info().sessions for c in clients.values()] for group, clients in self.directory.clients.items()}
+        """Sessions held now by each reachable replica of each worker group (tests and checks)."""
+        return {group: [n for n in map(_sessions, clients.values()) if n is not None] for group, clients in self.directory.clients.items()}
 
     def worker_addresses(self) -> dict[str, list[str]]:
         return self.directory.addresses()

@@ -1,0 +1,75 @@
+"""A worker replica killed (SIGKILL) while requests stream through it, on the local Ray
+cluster: its requests end with UNAVAILABLE within seconds, the others finish, another
+composition keeps serving, and Ray Serve's replacement takes requests within a minute."""
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+from ray import serve
+
+from cluster.app import APP_NAME
+from services.pb.eft.v1 import eft_pb2
+from tests.cluster.test_serve import chat
+
+
+def stream_outcome(service, request, outcomes: list, lock) -> None:
+    try:
+        chunks = list(service.GenerateStream(request, timeout=120))
+        outcome = ("OK", chunks[-1].usage.completion_tokens)
+    except grpc.RpcError as error:
+        outcome = (error.code().name, error.details())
+    with lock:
+        outcomes.append((time.monotonic(), outcome))
+
+
+def wait_until(condition, seconds: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, f"no {what} within {seconds} s"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def generates(service, composition: str) -> bool:
+    request = chat("what is the capital of zeme ?", temperature=0.0, max_tokens=4)
+    request.composition = composition
+    try:
+        return service.Generate(request, timeout=30).usage.completion_tokens > 0
+    except grpc.RpcError:
+        return False
+
+
+def test_a_killed_worker_replica_fails_its_requests_fast_and_comes_back(stub, deployment, quick_family):
+    service, _ = stub
+    wait_until(lambda: len(deployment.worker_addresses()["pair"]) == 2, 60, "second pair replica")
+    outcomes, lock = [], threading.Lock()
+    requests = []
+    for entity in quick_family.world().entities[:4]:  # placed over both pair replicas
+        request = chat(f"what is the animal of {entity} ?", temperature=1.0, max_tokens=40, ignore_eos=True)
+        requests.append(threading.Thread(target=stream_outcome, args=(service, request, outcomes, lock)))
+    for thread in requests:
+        thread.start()
+    time.sleep(0.5)  # streaming now
+    victim = serve.get_deployment_handle("worker-pair", APP_NAME).pid.remote().result()
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    for thread in requests:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in requests), "a stream hung after the kill"
+    codes = [outcome[0] for _, outcome in outcomes]
+    assert set(codes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in codes, outcomes
+    assert all(at - killed_at < 10 for at, (code, _) in outcomes if code == "UNAVAILABLE"), outcomes
+    assert generates(service, "large-tuned")  # another worker group serves on
+    recovered = wait_until(lambda: generates(service, "upscaled"), 60, "upscaled reply after the kill")
+    wait_until(lambda: len(deployment.worker_addresses()["pair"]) == 2 and victim not in replica_pids(), 90, "replacement replica")
+    replaced = time.monotonic() - killed_at
+    slowest = max(at - killed_at for at, (code, _) in outcomes if code == "UNAVAILABLE")
+    print(f"kill -9 of pair replica {victim}: {codes.count('UNAVAILABLE')} streams UNAVAILABLE (the last {slowest:.2f} s after the kill), {codes.count('OK')} OK;"
+          f" upscaled served again after {recovered:.1f} s; replacement known to the coordinator after {replaced:.1f} s")
+
+
+def replica_pids() -> set[int]:
+    return set(serve.get_deployment_handle("worker-pair", APP_NAME).broadcast("pid").results())
