@@ -37,15 +37,17 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
 
     @aborts_on_errors
     def Extend(self, request, context):
-        started, dtype = time.perf_counter(), wire_dtype(request.logits_dtype)
-        response = convert.extend_response(self.worker.extend(convert.extend_items_from_proto(request), dtype), dtype)
-        response.compute_seconds = time.perf_counter() - started
-        return response
+        return self._model_call(request, self.worker.extend, convert.extend_items_from_proto, convert.extend_response)
 
     @aborts_on_errors
     def Draft(self, request, context):
+        return self._model_call(request, self.worker.draft, convert.draft_items_from_proto, convert.draft_response)
+
+    @staticmethod
+    def _model_call(request, call, items_of, respond):
+        """Run a model call; its response carries the time the worker spent on it."""
         started, dtype = time.perf_counter(), wire_dtype(request.logits_dtype)
-        response = convert.draft_response(self.worker.draft(convert.draft_items_from_proto(request), dtype), dtype)
+        response = respond(call(items_of(request), dtype), dtype)
         response.compute_seconds = time.perf_counter() - started
         return response
 
