@@ -138,13 +138,21 @@ def worker_state(workers: Callable[[], dict[str, object]]) -> Callable[[], list[
     asked at scrape time."""
 
     def read():
-        infos = {label: client.info() for label, client in workers().items()}
+        infos = {label: info for label, client in workers().items() if (info := _info_or_none(client)) is not None}
         return [
             gauge("eft_worker_kv_sessions", "(session, model) caches a worker holds", ["worker"], [([w], i.sessions) for w, i in infos.items()]),
             gauge("eft_worker_kv_cached_tokens", "Tokens held over all caches of a worker", ["worker"], [([w], i.cached_tokens) for w, i in infos.items()]),
         ]
 
     return read
+
+
+def _info_or_none(client):
+    try:
+        return client.info()
+    except Exception:  # a replica that just died: left out of this scrape
+        log.warning("worker %s did not answer Info", client)
+        return None
 
 
 class RequestClock:
