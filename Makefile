@@ -23,7 +23,7 @@ STUBS_STAMP := services/pb/.stamp
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .DEFAULT_GOAL := help
-.PHONY: help run eval test bench install stubs constraints clean prometheus
+.PHONY: help run eval test bench install stubs constraints clean tools
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -36,7 +36,7 @@ eval: install stubs  ## reproduce the EFT paper's up-scaling and mixing results 
 	$(BIN)/eft family build
 	$(BIN)/eft eval --json eval.json --plot eval.png
 
-test: install stubs prometheus  ## set up .venv (torch, the project, its test extra, gRPC stubs), Prometheus, and run pytest
+test: install stubs tools  ## set up .venv (torch, the project, its test extra, gRPC stubs), the test tools, and run pytest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install stubs  ## EFT serving vs its baselines, interleaved (about 7 min); prints a table, writes bench/results.json
@@ -45,11 +45,13 @@ bench: install stubs  ## EFT serving vs its baselines, interleaved (about 7 min)
 
 install: $(VENV)/.installed  ## create .venv and install torch and the project (editable)
 
-prometheus:  ## install Debian's prometheus (the metrics test scrapes with it) when missing
-	@command -v prometheus >/dev/null || { \
-	  echo "installing prometheus (apt) for the metrics test ..."; \
+tools:  ## install the Debian tools the tests use when missing: prometheus (metrics test), openssl (TLS test CA)
+	@missing=""; for tool in prometheus openssl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt) for the tests ..."; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 stubs: $(STUBS_STAMP)  ## generate the gRPC stubs from proto/ into services/pb/
 

@@ -23,8 +23,8 @@ def prometheus(deployment, tmp_path_factory):
     binary = shutil.which("prometheus")
     if binary is None:
         if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed: `make test` installs it (make prometheus)")
-        pytest.skip("prometheus is not installed: run `make prometheus`")
+            pytest.fail("prometheus is not installed: `make test` installs it (make tools)")
+        pytest.skip("prometheus is not installed: run `make tools`")
     target = urlparse(deployment.metrics)
     folder = tmp_path_factory.mktemp("prometheus")
     (folder / "prometheus.yml").write_text(
