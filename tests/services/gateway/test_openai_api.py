@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API, called by the official `openai` client, and the metrics
 it and the gRPC path record: one process, workers behind real gRPC servers on 127.0.0.1."""
 
+import collections
 import json
+import time
 
 import grpc
 import openai
@@ -179,6 +181,37 @@ def test_a_client_that_leaves_mid_stream_frees_its_sessions(server, quick_family
         first = next(line for line in lines if line)
         assert json.loads(first.removeprefix(b"data: "))["object"] == "chat.completion.chunk"
     deadline = time.monotonic() + 15
+    while sessions_held(server[3]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_fuzzed_http_bodies_get_4xx_in_openai_shape_never_500(server):
+    """The HTTP side of the fuzz test: JSON bodies sane but for wild fields, plus bodies that
+    are not JSON objects. Every answer is 200 or a 4xx with OpenAI's error object."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    wild_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+    sane = {"model": "upscaled", "messages": [{"role": "user", "content": "what is the capital of zeme ?"}], "max_tokens": 3, "temperature": 0}
+    fields = ["model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "weights", "speculation", "top_k", "logprobs", "unknown_field"]
+    statuses = collections.Counter()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(wild=st.dictionaries(st.sampled_from(fields), wild_values, max_size=3), raw=st.one_of(st.none(), st.binary(max_size=30)), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    def one(wild, raw, path):
+        body = {**sane, **wild} if path.endswith("chat/completions") else {**{k: v for k, v in sane.items() if k != "messages"}, "prompt": "the capital of", **wild}
+        reply = requests.post(server[0] + path, data=raw, headers={"content-type": "application/json"}, timeout=60) if raw is not None else requests.post(server[0] + path, json=body, timeout=60)
+        statuses[reply.status_code] += 1
+        assert reply.status_code in (200, 400, 404, 429), (reply.status_code, reply.text[:300], body)
+        if reply.status_code != 200:
+            assert set(reply.json()["error"]) >= {"message", "type", "param", "code"}
+
+    one()
+    print(f"HTTP fuzz: {dict(statuses)}")
+    assert statuses[200] > 0 and statuses[400] > 0
+    assert requests.get(server[0] + "/health", timeout=10).status_code == 200
+    deadline = time.monotonic() + 10
     while sessions_held(server[3]):
         assert time.monotonic() < deadline
         time.sleep(0.1)
