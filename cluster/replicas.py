@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig
 from cluster.directory import WorkerDirectory
-from eft_core import Composition, Delta, EFTError
+from eft_core import Composition, Delta
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.gateway.gateway import Gateway, Limits
@@ -27,6 +27,7 @@ from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.prompts import check_shared_tokenizer
 from services.security import Security
 from services.wire import DTYPE_NAMES
+from services.worker.client import info_or_none
 from services.worker.server import create_server as create_worker_server
 from services.worker.tensor_parallel import start_tensor_parallel_worker
 from services.worker.worker import ModelWorker, load_hosted_model
@@ -73,13 +74,6 @@ class WorkerReplica:
             self.worker.stop_followers()
 
 
-def _sessions(client) -> int | None:
-    try:
-        return client.info().sessions
-    except EFTError:  # a replica that just died
-        return None
-
-
 def _replica_device(device: str) -> str:
     return "cuda:0" if device.startswith("cuda") else device  # a replica sees its own GPU as 0
 
@@ -116,7 +110,7 @@ class GatewayReplica:
 
     def worker_sessions(self) -> dict[str, list[int]]:
         """Sessions held now by each reachable replica of each worker group (tests and checks)."""
-        return {group: [n for n in map(_sessions, clients.values()) if n is not None] for group, clients in self.directory.clients.items()}
+        return {group: [info.sessions for info in map(info_or_none, clients.values()) if info is not None] for group, clients in self.directory.clients.items()}
 
     def worker_addresses(self) -> dict[str, list[str]]:
         return self.directory.addresses()

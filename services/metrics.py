@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from services.worker.client import info_or_none
+
 log = logging.getLogger(__name__)
 
 # vLLM's buckets, so existing dashboards read ours the same way
@@ -138,21 +140,13 @@ def worker_state(workers: Callable[[], dict[str, object]]) -> Callable[[], list[
     asked at scrape time."""
 
     def read():
-        infos = {label: info for label, client in workers().items() if (info := _info_or_none(client)) is not None}
+        infos = {label: info for label, client in workers().items() if (info := info_or_none(client)) is not None}
         return [
             gauge("eft_worker_kv_sessions", "(session, model) caches a worker holds", ["worker"], [([w], i.sessions) for w, i in infos.items()]),
             gauge("eft_worker_kv_cached_tokens", "Tokens held over all caches of a worker", ["worker"], [([w], i.cached_tokens) for w, i in infos.items()]),
         ]
 
     return read
-
-
-def _info_or_none(client):
-    try:
-        return client.info()
-    except Exception:  # a replica that just died: left out of this scrape
-        log.warning("worker %s did not answer Info", client)
-        return None
 
 
 class RequestClock:

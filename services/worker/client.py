@@ -36,6 +36,14 @@ class WorkerClient(Protocol):
     def release(self, session_ids: list[str]) -> int: ...
 
 
+def info_or_none(client: "WorkerClient") -> WorkerInfo | None:
+    """The worker's Info, or None when it cannot be reached (a replica that just died)."""
+    try:
+        return client.info()
+    except EFTError:
+        return None
+
+
 class InProcessWorkerClient:
     """Calls a ModelWorker in this process: for unit tests and the oracle."""
 

@@ -11,6 +11,7 @@ import grpc
 from ray import serve
 
 from cluster.app import APP_NAME
+from tests.cluster.test_observability import wait_for
 from tests.cluster.test_serve import chat
 
 
@@ -29,14 +30,6 @@ def stream_outcome(service, request, outcomes: list, lock, streaming: threading.
         outcomes.append((time.monotonic(), outcome))
 
 
-def wait_until(condition, seconds: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < seconds, f"no {what} within {seconds} s"
-        time.sleep(0.5)
-    return time.monotonic() - started
-
-
 def generates(service, composition: str) -> bool:
     request = chat("what is the capital of zeme ?", temperature=0.0, max_tokens=4)
     request.composition = composition
@@ -48,7 +41,7 @@ def generates(service, composition: str) -> bool:
 
 def test_a_killed_worker_replica_fails_its_requests_fast_and_comes_back(stub, deployment, quick_family):
     service, _ = stub
-    wait_until(lambda: len(deployment.worker_addresses()["pair"]) == 2, 60, "second pair replica")
+    wait_for(lambda: len(deployment.worker_addresses()["pair"]) == 2, 60, "second pair replica")
     victim = serve.get_deployment_handle("worker-pair", APP_NAME).pid.remote().result()
     outcomes, lock = [], threading.Lock()
     requests, streaming = [], [threading.Event() for _ in range(6)]
@@ -68,8 +61,8 @@ def test_a_killed_worker_replica_fails_its_requests_fast_and_comes_back(stub, de
     assert set(codes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in codes, outcomes
     assert all(at - killed_at < 10 for at, (code, _) in outcomes if code == "UNAVAILABLE"), outcomes
     assert generates(service, "large-tuned")  # another worker group serves on
-    recovered = wait_until(lambda: generates(service, "upscaled"), 60, "upscaled reply after the kill")
-    wait_until(lambda: replaced(deployment, victim), 90, "replacement replica")
+    recovered = wait_for(lambda: generates(service, "upscaled"), 60, "upscaled reply after the kill")
+    wait_for(lambda: replaced(deployment, victim), 90, "replacement replica")
     replaced_after = time.monotonic() - killed_at
     slowest = max(at - killed_at for at, (code, _) in outcomes if code == "UNAVAILABLE")
     print(f"kill -9 of pair replica {victim}: {codes.count('UNAVAILABLE')} streams UNAVAILABLE (the last {slowest:.2f} s after the kill), {codes.count('OK')} OK;"

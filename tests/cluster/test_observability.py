@@ -69,11 +69,13 @@ def query(url: str, promql: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
+def wait_for(condition, seconds: float, what: str) -> float:
+    """Poll ``condition`` every 0.5 s for up to ``seconds``; returns how long it took."""
+    started = time.monotonic()
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() - started < seconds, f"timed out waiting for {what}"
         time.sleep(0.5)
+    return time.monotonic() - started
 
 
 def test_prometheus_scrapes_acceptance_rate_and_ttft(prometheus, stub, quick_family):

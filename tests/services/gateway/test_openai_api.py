@@ -21,6 +21,7 @@ from services.gateway.server import create_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from tests.services.coordinator.helpers import questions, start_workers
+from tests.services.gateway.test_service import sessions_held
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,6 @@ def server(quick_family, oracle, tokenizers):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def sessions_held(worker_objects) -> int:
-    return sum(w.info().sessions for w in worker_objects)
 
 
 def expected(oracle, composition, messages, max_tokens=12):
