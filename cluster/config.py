@@ -47,6 +47,7 @@ class WorkerGroupConfig(_Strict):
     tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")
     max_sessions: int = Field(256, ge=1, description="(session, model) caches held at once")
     max_cached_tokens: int = Field(1 << 20, ge=1, description="tokens held over all caches")
+    session_idle_timeout_s: float = Field(120.0, gt=0, description="free sessions no call has used this long (a coordinator that restarted never releases its requests' caches); running requests use theirs every step")
 
 
 class DeltaConfig(_Strict):

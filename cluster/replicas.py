@@ -30,7 +30,7 @@ from services.wire import DTYPE_NAMES
 from services.worker.client import info_or_none
 from services.worker.server import create_server as create_worker_server
 from services.worker.tensor_parallel import start_tensor_parallel_worker
-from services.worker.worker import ModelWorker, load_hosted_model
+from services.worker.worker import ModelWorker, load_hosted_model, start_idle_reaper
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class WorkerReplica:
         else:
             hosted = [load_hosted_model(name, m.path, DTYPE_NAMES[m.dtype], _replica_device(m.device)) for name, m in configs.items()]
             self.worker = ModelWorker(hosted, group.max_sessions, group.max_cached_tokens)
+        self.stop_reaper = start_idle_reaper(self.worker, group.session_idle_timeout_s)
         host = node_address()
         self.server, port = create_worker_server(self.worker, f"{host}:0")
         self.address_ = f"{host}:{port}"
@@ -114,6 +115,10 @@ class GatewayReplica:
 
     def worker_addresses(self) -> dict[str, list[str]]:
         return self.directory.addresses()
+
+    def pid(self) -> int:
+        """This replica's process (fault tests kill it)."""
+        return os.getpid()
 
     def check_health(self) -> None:
         if not self.scheduler.thread.is_alive():

@@ -169,9 +169,9 @@ class Engine:
             drafter = r.composition.drafter_model
             calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params, r.rollback.pop(_DRAFT, None))))
         results = {}
-        for (r, _), answer in self._call_all(calls, "draft"):
-            results[r.id] = (answer.draft_tokens, answer.logits)
-            r.cached[_DRAFT] = answer.cache_length
+        for (r, item), answer in self._call_all(calls, "draft"):
+            if self._cache_kept(r, _DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
+                results[r.id] = (answer.draft_tokens, answer.logits)
         return results
 
     def _score(self, requests: list[EngineRequest], drafted) -> dict[str, dict[str, torch.Tensor]]:
@@ -182,9 +182,20 @@ class Engine:
                 calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, len(drafts) + 1, r.rollback.pop(model, None))))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, "extend"):
-            results[r.id][item.model] = answer.logits
-            r.cached[item.model] = answer.cache_length
+            if self._cache_kept(r, item.model, len(item.token_ids), answer.cache_length):
+                results[r.id][item.model] = answer.logits
         return results
+
+    @staticmethod
+    def _cache_kept(r: EngineRequest, key: str, added: int, length: int) -> bool:
+        """Record a cache's new length; a length other than the one expected means the worker
+        lost the cache (freed as idle, or a new replica at the same address) and answered
+        from a fresh one: fail the request rather than emit tokens from a wrong context."""
+        expected = r.cached.get(key, 0) + added
+        r.cached[key] = length
+        if length != expected and not r.done:
+            r.error, r.finish_reason = UnavailableError(f"the worker lost this request's cache for {key!r} (it holds {length} tokens, {expected} expected); retry the request"), "error"
+        return not r.done
 
     def _sample_all(self, requests: list[EngineRequest], scored) -> dict[str, list[int]]:
         """One token per request that does not speculate: combined, sampled and emitted as one

@@ -22,7 +22,7 @@ from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_server
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
 from services.wire import DTYPE_NAMES, wire_dtype
 from services.worker import convert
-from services.worker.worker import ModelWorker, load_hosted_model
+from services.worker.worker import ModelWorker, load_hosted_model, start_idle_reaper
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to bind; port 0 picks a free one (default: %(default)s)")
     parser.add_argument("--max-sessions", type=int, default=256, help="(session, model) caches held at once (default: %(default)s)")
     parser.add_argument("--max-cached-tokens", type=int, default=1 << 20, help="tokens held over all caches (default: %(default)s)")
+    parser.add_argument("--session-idle-timeout", type=float, default=120.0, metavar="SECONDS", help="free sessions no call has used this long, e.g. a restarted coordinator's (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for the (single) model, one process each (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by rank 0 for its followers
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.session_idle_timeout <= 0:
+        parser.error(f"--session-idle-timeout must be > 0, got {args.session_idle_timeout}")
     if args.tp < 1 or (args.tp > 1 and len(specs) != 1):
         parser.error("--tp must be >= 1, and a tensor-parallel worker hosts exactly one model")
     try:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except EFTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    _serve(ModelWorker(models, args.max_sessions, args.max_cached_tokens), args.address)
+    _serve(ModelWorker(models, args.max_sessions, args.max_cached_tokens), args)
     return 0
 
 
@@ -111,8 +114,9 @@ def _model_spec(parser, spec: str) -> tuple[str, str]:
     return name, path
 
 
-def _serve(worker: ModelWorker, address: str, on_stop=lambda: None) -> None:
-    server, port = create_server(worker, address)
+def _serve(worker: ModelWorker, args, on_stop=lambda: None) -> None:
+    start_idle_reaper(worker, args.session_idle_timeout)
+    server, port = create_server(worker, args.address)
 
     def stop(signum, frame):
         on_stop()
@@ -120,7 +124,7 @@ def _serve(worker: ModelWorker, address: str, on_stop=lambda: None) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-    print(f"model worker listening on {address.rsplit(':', 1)[0]}:{port}", flush=True)
+    print(f"model worker listening on {args.address.rsplit(':', 1)[0]}:{port}", flush=True)
     server.wait_for_termination()
 
 
@@ -132,7 +136,7 @@ def _serve_tensor_parallel(args, name: str, path: str) -> int:
         return 0
     worker, followers = start_tensor_parallel_worker(name, path, args.tp, args.dtype, args.device, args.max_sessions, args.max_cached_tokens)
     try:
-        _serve(worker, args.address, on_stop=worker.stop_followers)
+        _serve(worker, args, on_stop=worker.stop_followers)
     finally:
         for follower in followers:
             try:

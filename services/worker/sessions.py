@@ -1,5 +1,7 @@
-"""KV caches per (session, model) under a budget: a number of caches and of cached tokens."""
+"""KV caches per (session, model) under a budget: a number of caches and of cached tokens,
+and when each session was last used (sessions nobody uses any more are found by that)."""
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,7 @@ class SessionStore:
     def __init__(self, max_sessions: int, max_cached_tokens: int):
         self.max_sessions, self.max_cached_tokens = max_sessions, max_cached_tokens
         self._sessions: dict[tuple[str, str], Session] = {}
+        self._last_used: dict[str, float] = {}  # session id -> time.monotonic() of its last get/put
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -31,6 +34,7 @@ class SessionStore:
         session = self._sessions.get((session_id, model))
         if session is None:
             raise NotFoundError(f"no session {session_id!r} for model {model!r}", field=field_name)
+        self._last_used[session_id] = time.monotonic()
         return session
 
     def peek(self, session_id: str, model: str) -> Session | None:
@@ -47,9 +51,17 @@ class SessionStore:
 
     def put(self, session_id: str, model: str, session: Session) -> None:
         self._sessions[session_id, model] = session
+        self._last_used[session_id] = time.monotonic()
+
+    def idle_since(self, cutoff: float) -> list[str]:
+        """Sessions last used before ``cutoff`` (a time.monotonic() value)."""
+        return [session_id for session_id, used in self._last_used.items() if used < cutoff]
 
     def release(self, session_ids: list[str]) -> int:
-        doomed = [key for key in self._sessions if key[0] in set(session_ids)]
+        ids = set(session_ids)
+        doomed = [key for key in self._sessions if key[0] in ids]
         for key in doomed:
             del self._sessions[key]
+        for session_id in ids:
+            self._last_used.pop(session_id, None)
         return len(doomed)

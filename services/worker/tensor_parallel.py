@@ -86,10 +86,9 @@ class TensorParallelWorker(ModelWorker):
             _broadcast(TRUNCATE, worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length))
             return self._truncate(session_id, model, length)
 
-    def release(self, session_ids):
-        with self.lock:
-            _broadcast(RELEASE, worker_pb2.ReleaseRequest(session_ids=list(session_ids)))
-            return self._release(list(session_ids))
+    def _release_everywhere(self, session_ids):  # called with the lock held
+        _broadcast(RELEASE, worker_pb2.ReleaseRequest(session_ids=session_ids))
+        return self._release(session_ids)
 
     def stop_followers(self) -> None:
         with self.lock:

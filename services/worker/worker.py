@@ -90,7 +90,19 @@ class ModelWorker:
     def release(self, session_ids: list[str]) -> int:
         """Free every cache of these sessions; returns how many (session, model) caches went."""
         with self.lock:
-            return self._release(list(session_ids))
+            return self._release_everywhere(list(session_ids))
+
+    def release_idle(self, idle_seconds: float) -> list[str]:
+        """Free the sessions no call has used for ``idle_seconds``; returns their ids."""
+        with self.lock:
+            idle = self.store.idle_since(time.monotonic() - idle_seconds)
+            if idle:
+                self._release_everywhere(idle)
+            return idle
+
+    def _release_everywhere(self, session_ids: list[str]) -> int:
+        """Release on every process holding the caches (a tensor-parallel worker overrides this)."""
+        return self._release(session_ids)
 
     # --- the verbs, without the lock (a tensor-parallel follower calls these) -------------
 
@@ -223,3 +235,18 @@ class ModelWorker:
         """Logits as they travel: the real vocabulary only, in the wire dtype, on the CPU."""
         return logits[..., : self.models[model].tokenizer_size].to("cpu", dtype)
 
+
+
+def start_idle_reaper(worker: ModelWorker, idle_seconds: float) -> threading.Event:
+    """Free, in the background, sessions unused for ``idle_seconds``: a coordinator that
+    restarted or died mid-request never releases them. A running request uses its sessions
+    every iteration, so only abandoned ones go. Set the returned event to stop."""
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.wait(idle_seconds / 4):
+            if released := worker.release_idle(idle_seconds):
+                log.warning("released %d sessions unused for %.0f s (their coordinator is gone): %s", len(released), idle_seconds, released[:8])
+
+    threading.Thread(target=reap, name="idle-session-reaper", daemon=True).start()
+    return stop

@@ -7,17 +7,21 @@ import pytest
 from cluster.config import ServeConfig, demo_config
 from cluster.launcher import start_local, stop_local
 from services.pb.eft.v1 import eft_pb2_grpc
+from tests.cluster.helpers import IDLE_TIMEOUT_S, free_ports
 
 
 @pytest.fixture(scope="package")
 def deployment(quick_family):
-    """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group
-    and the pair group has two replicas."""
+    """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group,
+    the pair group has two replicas, and workers free sessions idle for IDLE_TIMEOUT_S. The public ports
+    are fixed (free when chosen): a restarted gateway comes back on the same ones."""
     config = demo_config(quick_family.path).model_dump()
     config["worker_groups"][0]["models"] = ["large-base"]
     config["worker_groups"][1]["replicas"] = 2
     config["worker_groups"].append({"name": "tuned-tp", "models": ["large-tuned"], "tp": 2})
-    config.update(grpc_port=0, http_port=0, metrics_port=0)
+    for group in config["worker_groups"]:
+        group["session_idle_timeout_s"] = IDLE_TIMEOUT_S
+    config.update(zip(["grpc_port", "http_port", "metrics_port"], free_ports(3)))
     deployed = start_local(ServeConfig.model_validate(config), num_cpus=2)
     yield deployed
     stop_local()

@@ -1,6 +1,8 @@
-"""A worker replica killed (SIGKILL) while requests stream through it, on the local Ray
-cluster: its requests end with UNAVAILABLE within seconds, the others finish, another
-composition keeps serving, and Ray Serve's replacement takes requests within a minute."""
+"""Processes killed (SIGKILL) while requests stream through them, on the local Ray cluster.
+A worker replica: its requests end with UNAVAILABLE within seconds, the others finish,
+another composition keeps serving, and Ray Serve's replacement takes requests within a
+minute. The gateway (with the coordinator): every stream ends with UNAVAILABLE at once, Ray
+Serve restarts it on the same ports, and the workers free the sessions it left."""
 
 import os
 import signal
@@ -11,8 +13,7 @@ import grpc
 from ray import serve
 
 from cluster.app import APP_NAME
-from tests.cluster.test_observability import wait_for
-from tests.cluster.test_serve import chat
+from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, wait_for
 
 
 def stream_outcome(service, request, outcomes: list, lock, streaming: threading.Event) -> None:
@@ -80,4 +81,43 @@ def replica_pids() -> set[int] | None:
     try:
         return set(serve.get_deployment_handle("worker-pair", APP_NAME).broadcast("pid").results())
     except Exception:  # ActorDiedError: the controller has not noticed yet
+        return None
+
+
+def test_a_killed_gateway_fails_its_streams_fast_comes_back_and_its_sessions_are_freed(stub, deployment, quick_family):
+    """The coordinator and gateway share one replica: killing it drops every stream it serves
+    (clients see UNAVAILABLE and retry); Ray Serve restarts it on the same ports, and the
+    workers free the dead coordinator's sessions after their idle timeout."""
+    service, _ = stub
+    victim = deployment.handle.pid.remote().result()
+    outcomes, lock = [], threading.Lock()
+    requests, streaming = [], [threading.Event() for _ in range(4)]
+    for entity, started in zip(quick_family.world().entities, streaming):
+        request = chat(f"what is the capital of {entity} ?", temperature=1.0, max_tokens=60, ignore_eos=True)
+        requests.append(threading.Thread(target=stream_outcome, args=(service, request, outcomes, lock, started)))
+    for thread in requests:
+        thread.start()
+    for started in streaming:
+        assert started.wait(timeout=60)
+    held = sum(map(sum, deployment.worker_sessions().values()))
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    for thread in requests:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in requests), "a stream hung after the kill"
+    assert held > 0 and [code for _, (code, _) in outcomes] == ["UNAVAILABLE"] * 4, (held, outcomes)
+    slowest = max(at - killed_at for at, _ in outcomes)
+    assert slowest < 10, outcomes
+    recovered = wait_for(lambda: generates(service, "upscaled"), 90, "a reply from the restarted gateway")
+    assert wait_for(lambda: gateway_pid(deployment) not in (None, victim), 30, "the new gateway's process") >= 0
+    freed = wait_for(lambda: sum(map(sum, deployment.worker_sessions().values())) == 0, 60, "workers freeing the dead coordinator's sessions")
+    print(f"kill -9 of the gateway {victim}: 4 streams UNAVAILABLE (the last {slowest:.2f} s after the kill); served again on the same port after {recovered:.1f} s;"
+          f" {held} sessions the old coordinator held freed by the workers {freed:.1f} s later (idle timeout {IDLE_TIMEOUT_S:.0f} s)")
+
+
+def gateway_pid(deployment) -> int | None:
+    """The gateway replica's process; None while the handle still routes to the dead one."""
+    try:
+        return deployment.handle.pid.remote().result(timeout_s=10)
+    except Exception:  # ActorDiedError, or a timeout while the router catches up
         return None

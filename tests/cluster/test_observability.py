@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from services.pb.eft.v1 import eft_pb2
-from tests.cluster.test_serve import chat
+from tests.cluster.helpers import chat, free_port, wait_for
 
 ACCEPTANCE_RATE = "sum(rate(eft_spec_decode_num_accepted_tokens_total[1m])) / sum(rate(eft_spec_decode_num_draft_tokens_total[1m]))"
 
@@ -46,14 +46,6 @@ def prometheus(deployment, tmp_path_factory):
         process.wait(timeout=30)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def scraped(url: str) -> bool:
     try:
         return query(url, 'up{job="eft"}') == 1.0
@@ -67,15 +59,6 @@ def query(url: str, promql: str) -> float | None:
     assert reply["status"] == "success", reply
     result = reply["data"]["result"]
     return float(result[0]["value"][1]) if result else None
-
-
-def wait_for(condition, seconds: float, what: str) -> float:
-    """Poll ``condition`` every 0.5 s for up to ``seconds``; returns how long it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < seconds, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return time.monotonic() - started
 
 
 def test_prometheus_scrapes_acceptance_rate_and_ttft(prometheus, stub, quick_family):

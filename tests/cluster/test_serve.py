@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from eft_core import SamplingParams
 from services.pb.eft.v1 import eft_pb2
+from tests.cluster.helpers import chat, wait_for
 
 EFT = str(Path(sys.executable).parent / "eft")
-
-
-def chat(question: str, **sampling) -> eft_pb2.GenerateRequest:
-    request = eft_pb2.GenerateRequest(sampling=eft_pb2.Sampling(**sampling), return_options=eft_pb2.ReturnOptions(token_ids=True))
-    request.messages.messages.add(role="user", content=question)
-    return request
 
 
 def test_health_and_reflection(stub):
@@ -56,18 +50,12 @@ def test_cancelled_stream_releases_the_worker_sessions(stub, deployment, quick_f
     service, _ = stub
     call = service.GenerateStream(chat(f"what is the animal of {quick_family.world().entities[1]} ?", temperature=1.0, max_tokens=40), timeout=60)
     assert next(call).token_ids
-    call.cancel()
-    deadline = time.monotonic() + 15
-    while any(any(replicas) for replicas in deployment.worker_sessions().values()):
-        assert time.monotonic() < deadline, deployment.worker_sessions()
-        time.sleep(0.2)
+    call.cancel()  # released by the cancellation, well before the workers' idle timeout (10 s here) would
+    wait_for(lambda: not any(any(replicas) for replicas in deployment.worker_sessions().values()), 5, "sessions released after cancel")
 
 
 def test_requests_spread_over_the_replicas_of_a_worker_group(stub, deployment, quick_family):
-    deadline = time.monotonic() + 60
-    while len(deployment.worker_addresses()["pair"]) < 2:  # the second replica may still be loading
-        assert time.monotonic() < deadline, deployment.worker_addresses()
-        time.sleep(0.5)
+    wait_for(lambda: len(deployment.worker_addresses()["pair"]) == 2, 60, "the second pair replica")  # it may still be loading
     service, _ = stub
     streams = [service.GenerateStream(chat(f"what is the animal of {e} ?", temperature=1.0, max_tokens=40, ignore_eos=True), timeout=60) for e in quick_family.world().entities[:2]]
     for stream in streams:
@@ -90,3 +78,17 @@ def test_eft_generate_and_compositions_talk_to_the_server(deployment, quick_fami
     assert "upscaled: large-base + 1 x (small-tuned - small-base) [chat]; drafter small-tuned  (default)" in listing.stdout
     bad = subprocess.run([EFT, "generate", "hi", "--address", deployment.address, "--composition", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_rays_own_token_auth_stays_on(deployment):
+    """Ray 2.60 turns its control-plane token auth on for a local cluster; nothing of ours
+    turns it off: the GCS refuses a client without the token."""
+    import grpc
+    import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    assert is_token_auth_enabled()
+    with grpc.insecure_channel(ray.get_runtime_context().gcs_address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value

@@ -135,6 +135,23 @@ def test_replica_changes_apply_to_new_requests_and_an_empty_group_is_unavailable
     assert served.tokens == oracle.generate("upscaled", questions(quick_family)[0], params).generation.tokens
 
 
+def test_a_cache_the_worker_lost_fails_its_request_instead_of_decoding_from_a_wrong_context(workers, oracle, tokenizers, quick_family):
+    """A worker that freed a request's sessions (idle timeout, or a new replica at the same
+    address) answers the next call from an empty cache: the engine notices the length."""
+    placement, worker_objects = workers
+    engine = Engine(placement, oracle.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    lost, other = (make_request(i, "upscaled", m, tokenizers, params) for i, m in enumerate(questions(quick_family)[:2]))
+    engine.step([lost, other])
+    for worker in worker_objects:
+        worker.release([lost.id, lost.id + "#draft"])
+    engine.step([lost, other])
+    assert lost.finish_reason == "error" and lost.error.code == "UNAVAILABLE" and "lost this request's cache" in lost.error.message
+    run(engine, [lost, other])
+    assert other.tokens == oracle.generate("upscaled", questions(quick_family)[1], params).generation.tokens
+    assert sum(w.info().sessions for w in worker_objects) == 0
+
+
 @pytest.mark.parametrize("draft_cost, grows", [(0.02, True), (2.0, False)])
 def test_adaptive_k_follows_acceptance_and_draft_cost(workers, oracle, tokenizers, quick_family, draft_cost, grows):
     placement, _ = workers

@@ -138,6 +138,36 @@ def test_release_frees_every_cache_of_a_session(client):
     assert (client.info().sessions, client.info().cached_tokens) == (0, 0)
 
 
+def test_sessions_unused_for_the_idle_timeout_are_released_and_used_ones_kept(worker):
+    import time
+
+    worker.extend([ExtendItem("abandoned", "large", [1, 2, 3]), ExtendItem("abandoned", "small", [1]), ExtendItem("running", "large", [4])])
+    time.sleep(0.3)
+    worker.extend([ExtendItem("running", "large", [5])])  # a running request uses its caches every step
+    assert worker.release_idle(0.2) == ["abandoned"]
+    assert (worker.info().sessions, worker.info().cached_tokens) == (1, 2)
+    assert worker.release_idle(0.2) == []
+    time.sleep(0.3)
+    worker.truncate("running", "large", 1)  # any call on a session counts as use
+    assert worker.release_idle(0.2) == [] and worker.info().sessions == 1
+
+
+def test_the_idle_reaper_frees_an_abandoned_session_in_the_background(worker):
+    import time
+
+    from services.worker.worker import start_idle_reaper
+
+    stop = start_idle_reaper(worker, 0.4)
+    try:
+        worker.extend([ExtendItem("abandoned", "large", [1, 2, 3])])
+        deadline = time.monotonic() + 5
+        while worker.info().sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.info().sessions == 0
+    finally:
+        stop.set()
+
+
 def test_over_budget_is_resource_exhausted_and_harms_nobody(client, hosted):
     tokens = [3 + i % 50 for i in range(60)]
     first = client.extend([ExtendItem("a", "large", tokens[:40])])[0]  # budget: 400 tokens, 16 sessions
