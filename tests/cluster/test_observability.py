@@ -4,7 +4,6 @@ the application on the local Ray cluster."""
 import os
 import shutil
 import subprocess
-import time
 from urllib.parse import urlparse
 
 import openai
