@@ -7,7 +7,7 @@
 #   TORCH        pip spec of torch installed into a venv that has none (default: the CPU build)
 #   CONSTRAINTS  pip constraints file pinning the tested dependency versions ('' for none)
 #   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS='-k speculative -x'
-#   ARGS         extra arguments of bench/serving.py, e.g. ARGS='--quick' or ARGS='--device cuda'
+#   ARGS         extra arguments of bench/serving.py or bench/load.py, e.g. ARGS='--quick' or ARGS='--device cuda'
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -23,7 +23,7 @@ STUBS_STAMP := services/pb/.stamp
 CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .DEFAULT_GOAL := help
-.PHONY: help run eval test bench install stubs constraints clean tools
+.PHONY: help run eval test bench load install stubs constraints clean tools
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -42,6 +42,10 @@ test: install stubs tools  ## set up .venv (torch, the project, its test extra, 
 bench: install stubs  ## EFT serving vs its baselines, interleaved (about 7 min); prints a table, writes bench/results.json
 	$(BIN)/eft family build
 	$(BIN)/python bench/serving.py $(ARGS)
+
+load: install stubs  ## 32 streaming clients for 60 s on the local Ray deployment, every token checked, then RSS over 500 requests; writes bench/load-results.json
+	$(BIN)/eft family build
+	$(BIN)/python bench/load.py $(ARGS)
 
 install: $(VENV)/.installed  ## create .venv and install torch and the project (editable)
 

@@ -21,6 +21,16 @@ class LocalDeployment:
         """The replicas the coordinator knows, per worker group."""
         return self.handle.worker_addresses.remote().result()
 
+    def process_ids(self) -> dict[str, list[int]]:
+        """Every process of the application by deployment (gateway, worker-<group>): each
+        replica's, tensor-parallel followers included."""
+        from ray import serve
+
+        from cluster.app import APP_NAME
+
+        deployments = serve.status().applications[APP_NAME].deployments
+        return {name: [pid for pids in serve.get_deployment_handle(name, APP_NAME).broadcast("pids").results() for pid in pids] for name in deployments}
+
 
 def start_local(config: ServeConfig, num_cpus: int | None = None) -> LocalDeployment:
     """Start Ray (loopback only, no dashboard) and Serve, deploy, and wait until ready. Ray

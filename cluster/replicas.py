@@ -66,9 +66,9 @@ class WorkerReplica:
     def sessions(self) -> int:
         return self.worker.info().sessions
 
-    def pid(self) -> int:
-        """This replica's process (fault tests kill it)."""
-        return os.getpid()
+    def pids(self) -> list[int]:
+        """This replica's processes: its own, then its tensor-parallel followers'."""
+        return [os.getpid()] + [follower.pid for follower in self.followers]
 
     def __del__(self):
         if self.followers:
@@ -116,9 +116,9 @@ class GatewayReplica:
     def worker_addresses(self) -> dict[str, list[str]]:
         return self.directory.addresses()
 
-    def pid(self) -> int:
-        """This replica's process (fault tests kill it)."""
-        return os.getpid()
+    def pids(self) -> list[int]:
+        """This replica's process."""
+        return [os.getpid()]
 
     def check_health(self) -> None:
         if not self.scheduler.thread.is_alive():

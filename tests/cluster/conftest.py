@@ -7,13 +7,14 @@ import pytest
 from cluster.config import ServeConfig, demo_config
 from cluster.launcher import start_local, stop_local
 from services.pb.eft.v1 import eft_pb2_grpc
-from tests.cluster.helpers import IDLE_TIMEOUT_S, free_ports
+from tests.cluster.helpers import IDLE_TIMEOUT_S, MAX_RUNNING, MAX_WAITING, free_ports
 
 
 @pytest.fixture(scope="package")
 def deployment(quick_family):
     """The demo layout, except that large-tuned runs tensor-parallel on 2 ranks in its own group,
-    the pair group has two replicas, and workers free sessions idle for IDLE_TIMEOUT_S. The public ports
+    the pair group has two replicas, workers free sessions idle for IDLE_TIMEOUT_S, and the
+    scheduler runs MAX_RUNNING requests with MAX_WAITING queued. The public ports
     are fixed (free when chosen): a restarted gateway comes back on the same ones."""
     config = demo_config(quick_family.path).model_dump()
     config["worker_groups"][0]["models"] = ["large-base"]
@@ -21,6 +22,7 @@ def deployment(quick_family):
     config["worker_groups"].append({"name": "tuned-tp", "models": ["large-tuned"], "tp": 2})
     for group in config["worker_groups"]:
         group["session_idle_timeout_s"] = IDLE_TIMEOUT_S
+    config["limits"] = {"max_running": MAX_RUNNING, "max_waiting": MAX_WAITING}  # the load test's 32 clients overflow it
     config.update(zip(["grpc_port", "http_port", "metrics_port"], free_ports(3)))
     deployed = start_local(ServeConfig.model_validate(config), num_cpus=2)
     yield deployed

@@ -6,6 +6,7 @@ import time
 from services.pb.eft.v1 import eft_pb2
 
 IDLE_TIMEOUT_S = 10.0  # the test deployment's worker session idle timeout
+MAX_RUNNING, MAX_WAITING = 16, 8  # its scheduler's limits
 
 
 def chat(question: str, **sampling) -> eft_pb2.GenerateRequest:

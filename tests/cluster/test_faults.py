@@ -43,7 +43,7 @@ def generates(service, composition: str) -> bool:
 def test_a_killed_worker_replica_fails_its_requests_fast_and_comes_back(stub, deployment, quick_family):
     service, _ = stub
     wait_for(lambda: len(deployment.worker_addresses()["pair"]) == 2, 60, "second pair replica")
-    victim = serve.get_deployment_handle("worker-pair", APP_NAME).pid.remote().result()
+    victim = serve.get_deployment_handle("worker-pair", APP_NAME).pids.remote().result()[0]
     outcomes, lock = [], threading.Lock()
     requests, streaming = [], [threading.Event() for _ in range(6)]
     for entity, started in zip(quick_family.world().entities, streaming):  # placed over both pair replicas
@@ -79,7 +79,7 @@ def replaced(deployment, victim: int) -> bool:
 def replica_pids() -> set[int] | None:
     """The pair replicas' processes; None while Ray Serve still lists a dead one."""
     try:
-        return set(serve.get_deployment_handle("worker-pair", APP_NAME).broadcast("pid").results())
+        return {pids[0] for pids in serve.get_deployment_handle("worker-pair", APP_NAME).broadcast("pids").results()}
     except Exception:  # ActorDiedError: the controller has not noticed yet
         return None
 
@@ -89,7 +89,7 @@ def test_a_killed_gateway_fails_its_streams_fast_comes_back_and_its_sessions_are
     (clients see UNAVAILABLE and retry); Ray Serve restarts it on the same ports, and the
     workers free the dead coordinator's sessions after their idle timeout."""
     service, _ = stub
-    victim = deployment.handle.pid.remote().result()
+    victim = deployment.handle.pids.remote().result()[0]
     outcomes, lock = [], threading.Lock()
     requests, streaming = [], [threading.Event() for _ in range(4)]
     for entity, started in zip(quick_family.world().entities, streaming):
@@ -118,6 +118,6 @@ def test_a_killed_gateway_fails_its_streams_fast_comes_back_and_its_sessions_are
 def gateway_pid(deployment) -> int | None:
     """The gateway replica's process; None while the handle still routes to the dead one."""
     try:
-        return deployment.handle.pid.remote().result(timeout_s=10)
+        return deployment.handle.pids.remote().result(timeout_s=10)[0]
     except Exception:  # ActorDiedError, or a timeout while the router catches up
         return None

@@ -70,6 +70,12 @@ def test_the_rayservice_has_what_kuberay_requires():
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"] == {"port": 50051, "service": "eft.v1.EFTService"}
     assert not any("nvidia.com/gpu" in str(w["template"]) for w in workers)  # a CPU deployment by default
+    assert cluster["authOptions"] == {"mode": "token"}  # Ray's own token auth stays on
+
+
+def test_a_bad_ray_auth_mode_fails_to_render():
+    with pytest.raises(helm_python.HelmError, match="rayAuth.mode must be token or disabled, got off"):
+        render({"rayAuth": {"mode": "off"}})
 
 
 def test_multi_gpu_values_ask_for_gpus_and_tensor_parallelism():
