@@ -73,6 +73,7 @@ class LimitsConfig(_Strict):
     default_draft_k: int = Field(4, ge=0, description="drafts per step when a request does not say (0: off)")
     max_running: int = Field(32, ge=1, description="requests decoded together")
     max_waiting: int = Field(256, ge=0, description="requests queued beyond that (then RESOURCE_EXHAUSTED)")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request: a gRPC message (else RESOURCE_EXHAUSTED) or HTTP body (else 413)")
 
 
 class TLSConfig(_Strict):

@@ -65,9 +65,11 @@ class Scheduler:
     def submit(self, request: EngineRequest, timeout: float | None = None) -> Handle:
         """Queue a request; ``timeout`` in seconds from now bounds its whole generation."""
         handle = Handle(request, time.monotonic() + timeout if timeout is not None else None)
-        with self.condition:
-            if len(self.waiting) >= self.max_waiting:
-                raise ResourceExhaustedError(f"{len(self.waiting)} requests already wait (max_waiting {self.max_waiting}): retry later", field="queue")
+        with self.condition:  # waiting requests that free running places will take are not queued beyond them
+            if len(self.waiting) >= self.max_waiting + max(0, self.max_running - len(self.running)):
+                raise ResourceExhaustedError(
+                    f"{len(self.running)} requests run and {len(self.waiting)} wait (max_running {self.max_running}, max_waiting {self.max_waiting}): retry later", field="queue"
+                )
             self.waiting.append(handle)
             self.condition.notify()
         return handle

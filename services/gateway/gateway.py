@@ -27,6 +27,7 @@ class Limits:
     max_weight_magnitude: float = 10.0
     default_draft_k: int = 4  # speculation when a request does not say (0: off by default)
     max_draft_k: int = 16
+    max_request_bytes: int = 4 << 20  # a request message or HTTP body (gRPC's own default)
 
 
 @dataclass

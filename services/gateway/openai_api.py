@@ -37,7 +37,7 @@ from services.security import OPEN_HTTP_PATHS, Security
 
 FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 INT32 = 2**31 - 1
 
 
@@ -89,6 +89,7 @@ class ChatBody(_Body):
 
 def create_app(gateway: Gateway, security: Security = Security()) -> FastAPI:
     app = FastAPI(title="EFT Serve", description="OpenAI-compatible API of EFT Serve", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=gateway.limits.max_request_bytes)
 
     @app.middleware("http")
     async def bearer_token(request: Request, call_next):
@@ -333,6 +334,33 @@ def _error_response(error: EFTError) -> JSONResponse:
 def _error_json(status: int, message: str, param: str | None) -> JSONResponse:
     kind = ERROR_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes``, declared or counted as it arrives, is
+    answered 413 (in OpenAI's error shape) before the application parses it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body over {self.max_bytes} bytes (limits.max_request_bytes)"
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await _error_json(413, message, None)(scope, receive, send)
+        received = 0
+
+        async def counted():  # a chunked body declares no length
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413, message)  # FastAPI passes it to the app's handler
+            return event
+
+        await self.app(scope, counted, send)
 
 
 # --- the server --------------------------------------------------------------------------

@@ -77,10 +77,27 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
         return replies
 
 
+SPARE_THREADS = 16  # beyond the streams the scheduler admits: health checks, listings, refusals
+
+
 def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Security = Security()) -> tuple[grpc.Server, int]:
     """A started EFTService server with health (SERVING) and reflection, TLS and a bearer
-    token if ``security`` asks; returns it and its port."""
-    return start_grpc_server(lambda server: _add_servicer(EFTServicer(gateway), server), SERVICE_NAME, address, credentials=security.grpc_credentials(), interceptors=security.grpc_interceptors())
+    token if ``security`` asks; returns it and its port.
+
+    Every admitted request (running or queued) holds a server thread until it ends, so the
+    pool has one per place in the scheduler plus spares: a request over the limit then
+    reaches the scheduler and is refused at once (RESOURCE_EXHAUSTED), instead of waiting
+    unseen in gRPC's queue for a free thread."""
+    scheduler = gateway.scheduler
+    return start_grpc_server(
+        lambda server: _add_servicer(EFTServicer(gateway), server),
+        SERVICE_NAME,
+        address,
+        max_message_bytes=gateway.limits.max_request_bytes,
+        threads=scheduler.max_running + scheduler.max_waiting + SPARE_THREADS,
+        credentials=security.grpc_credentials(),
+        interceptors=security.grpc_interceptors(),
+    )
 
 
 def _add_servicer(servicer: EFTServicer, server: grpc.Server) -> None:

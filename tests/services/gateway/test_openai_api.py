@@ -23,13 +23,15 @@ from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from tests.services.coordinator.helpers import questions, start_workers
 from tests.services.gateway.test_service import sessions_held
 
+MAX_REQUEST_BYTES = 64 << 10
+
 
 @pytest.fixture(scope="module")
 def server(quick_family, oracle, tokenizers):
     placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
     metrics = ServingMetrics()
     scheduler = Scheduler(Engine(placement, oracle.vocab_size, metrics=metrics), max_running=8, max_waiting=2)
-    gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40), metrics)
+    gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40, max_request_bytes=MAX_REQUEST_BYTES), metrics)
     metrics.add_state(scheduler_state(scheduler))
     metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}))
     http, port = start_http_server(create_app(gateway), "127.0.0.1", 0)
@@ -212,3 +214,52 @@ def test_fuzzed_http_bodies_get_4xx_in_openai_shape_never_500(server):
     while sessions_held(server[3]):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_requests_over_the_size_limit_are_refused_before_parsing(server, client, quick_family):
+    big = "what is the capital of zeme ? " * 4000  # 120 kB, over 64 kB
+    declared = requests.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": big}]}, timeout=30)
+    chunked = requests.post(server[0] + "/v1/completions", data=(big[i : i + 8000].encode() for i in range(0, len(big), 8000)), headers={"content-type": "application/json"}, timeout=30)
+    for reply in (declared, chunked):
+        assert reply.status_code == 413 and "limits.max_request_bytes" in reply.json()["error"]["message"], reply.text[:300]
+    with grpc.insecure_channel(server[1]) as channel:
+        service = eft_pb2_grpc.EFTServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            service.Generate(eft_pb2.GenerateRequest(text=big), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert service.Generate(eft_pb2.GenerateRequest(text="the capital of zeme is", sampling=eft_pb2.Sampling(max_tokens=2)), timeout=30).usage.completion_tokens == 2
+    assert client.chat.completions.create(model="upscaled", messages=questions(quick_family)[0], max_tokens=2).usage.completion_tokens == 2
+
+
+def test_streams_beyond_running_and_queued_are_refused_at_once(server, quick_family):
+    """40 concurrent gRPC streams against a scheduler that runs 8 and queues 2: each stream is
+    admitted or refused with RESOURCE_EXHAUSTED within a second, none waits unanswered."""
+    import threading
+
+    request = eft_pb2.GenerateRequest(sampling=eft_pb2.Sampling(temperature=1.0, max_tokens=40, ignore_eos=True))
+    request.messages.messages.extend(eft_pb2.ChatMessage(**m) for m in questions(quick_family)[0])
+    outcomes, lock = [], threading.Lock()
+
+    def stream(service):
+        sent = time.monotonic()
+        try:
+            chunks = list(service.GenerateStream(request, timeout=120))
+            outcome = ("OK", chunks[-1].usage.completion_tokens)
+        except grpc.RpcError as error:
+            outcome = (error.code().name, error.details())
+        with lock:
+            outcomes.append((time.monotonic() - sent, outcome))
+
+    with grpc.insecure_channel(server[1]) as channel:
+        service = eft_pb2_grpc.EFTServiceStub(channel)
+        threads = [threading.Thread(target=stream, args=(service,)) for _ in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    refused = [seconds for seconds, (code, _) in outcomes if code == "RESOURCE_EXHAUSTED"]
+    served = [tokens for _, (code, tokens) in outcomes if code == "OK"]
+    print(f"40 streams, 8 running + 2 queued: {len(served)} served, {len(refused)} refused, the slowest refusal after {max(refused):.3f} s")
+    assert len(outcomes) == 40 and len(served) + len(refused) == 40, outcomes
+    assert len(served) >= 10 and served == [40] * len(served) and max(refused) < 1.0
+    assert all("max_waiting" in details for _, (code, details) in outcomes if code == "RESOURCE_EXHAUSTED")
