@@ -1,6 +1,7 @@
 """The worker's gRPC surface: health, reflection, limits, and the process entry point."""
 
 import signal
+import time
 
 import grpc
 import pytest
@@ -69,11 +70,15 @@ def test_a_message_limit_sized_for_the_logits(worker):
 
 
 def test_the_worker_process_serves_a_model_folder(quick_family):
-    process = start_worker("--model", f"large={quick_family.model_path('large-base')}")
+    process = start_worker("--model", f"large={quick_family.model_path('large-base')}", "--session-idle-timeout", "1")
     try:
         client = GrpcWorkerClient(wait_listening(process, 120))
         assert [m.name for m in client.info().models] == ["large"]
         assert client.extend([ExtendItem("p", "large", [1, 2, 3])])[0].logits.shape == (1, quick_family.manifest["vocab_size"])
+        deadline = time.monotonic() + 10
+        while client.info().sessions:  # nobody releases "p": the idle reaper does
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
@@ -86,3 +91,9 @@ def test_an_unreachable_hub_id_is_a_clear_error():
     output = finished_output(process, timeout=120)
     assert process.returncode == 1
     assert "not a local folder" in output and "Hugging Face hub" in output and "Traceback" not in output
+
+
+def test_a_bad_idle_timeout_is_refused_before_loading():
+    process = start_worker("--model", "x=/nowhere", "--session-idle-timeout", "0")
+    output = finished_output(process, timeout=60)
+    assert process.returncode == 2 and "--session-idle-timeout must be > 0, got 0.0" in output
