@@ -54,7 +54,7 @@ class WorkerReplica:
         else:
             hosted = [load_hosted_model(name, m.path, DTYPE_NAMES[m.dtype], _replica_device(m.device)) for name, m in configs.items()]
             self.worker = ModelWorker(hosted, group.max_sessions, group.max_cached_tokens)
-        self.stop_reaper = start_idle_reaper(self.worker, group.session_idle_timeout_s)
+        start_idle_reaper(self.worker, group.session_idle_timeout_s)  # a daemon thread: it ends with the replica's process
         host = node_address()
         self.server, port = create_worker_server(self.worker, f"{host}:0")
         self.address_ = f"{host}:{port}"

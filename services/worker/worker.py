@@ -236,7 +236,6 @@ class ModelWorker:
         return logits[..., : self.models[model].tokenizer_size].to("cpu", dtype)
 
 
-
 def start_idle_reaper(worker: ModelWorker, idle_seconds: float) -> threading.Event:
     """Free, in the background, sessions unused for ``idle_seconds``: a coordinator that
     restarted or died mid-request never releases them. A running request uses its sessions

@@ -109,10 +109,11 @@ def test_a_killed_gateway_fails_its_streams_fast_comes_back_and_its_sessions_are
     slowest = max(at - killed_at for at, _ in outcomes)
     assert slowest < 10, outcomes
     recovered = wait_for(lambda: generates(service, "upscaled"), 90, "a reply from the restarted gateway")
-    assert wait_for(lambda: gateway_pid(deployment) not in (None, victim), 30, "the new gateway's process") >= 0
-    freed = wait_for(lambda: sum(map(sum, deployment.worker_sessions().values())) == 0, 60, "workers freeing the dead coordinator's sessions")
+    wait_for(lambda: gateway_pid(deployment) not in (None, victim), 30, "the new gateway's process")
+    wait_for(lambda: sum(map(sum, deployment.worker_sessions().values())) == 0, 60, "workers freeing the dead coordinator's sessions")
+    freed = time.monotonic() - killed_at
     print(f"kill -9 of the gateway {victim}: 4 streams UNAVAILABLE (the last {slowest:.2f} s after the kill); served again on the same port after {recovered:.1f} s;"
-          f" {held} sessions the old coordinator held freed by the workers {freed:.1f} s later (idle timeout {IDLE_TIMEOUT_S:.0f} s)")
+          f" the {held} sessions the old coordinator held were freed by the workers {freed:.1f} s after the kill (idle timeout {IDLE_TIMEOUT_S:.0f} s)")
 
 
 def gateway_pid(deployment) -> int | None:
