@@ -43,6 +43,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from cluster.loadtest import percentile, rss_bytes
 from eft_core import Composition, Delta, SamplingParams
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
@@ -83,11 +84,6 @@ class Run:
     @property
     def tps(self) -> float:
         return self.tokens / self.wall
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 # --- the systems -------------------------------------------------------------------------
@@ -235,13 +231,6 @@ class Naive:
 
 
 # --- the study ---------------------------------------------------------------------------
-
-
-def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def spec(mode: str) -> eft_pb2.Speculation:
@@ -451,15 +440,15 @@ def transport(served: Served, prompts: list, add, lines) -> None:
 
 def memory(served: Served, naive: Naive, study: Study, add, lines: list, args) -> None:
     pids = served.pids()
-    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    before = {name: rss_bytes(pid) / 1024 for name, pid in pids.items()}
     reqs = study.prompts(args.rss_requests)
     served.run("upscaled", spec("3"), reqs, 16, 1.0, 8)
-    after = {name: rss_kib(pid) for name, pid in pids.items()}
+    after = {name: rss_bytes(pid) / 1024 for name, pid in pids.items()}
     growth = {name: (after[name] - before[name]) / before[name] for name in pids}
     for name, pid in pids.items():
-        add(f"peak_rss_{name.replace(' ', '_')}", rss_kib(pid, "VmHWM") / 1024, "MiB")
+        add(f"peak_rss_{name.replace(' ', '_')}", rss_bytes(pid, "VmHWM") / 2**20, "MiB")
     add(f"rss_growth_{args.rss_requests}", max(growth.values()), "fraction")
-    lines.append("memory: " + ", ".join(f"{n} {before[n] / 1024:.0f} -> {after[n] / 1024:.0f} MiB ({growth[n]:+.1%})" for n in pids) + f" over {args.rss_requests} requests (peak: " + ", ".join(f"{n} {rss_kib(p, 'VmHWM') / 1024:.0f} MiB" for n, p in pids.items()) + ")")
+    lines.append("memory: " + ", ".join(f"{n} {before[n] / 1024:.0f} -> {after[n] / 1024:.0f} MiB ({growth[n]:+.1%})" for n in pids) + f" over {args.rss_requests} requests (peak: " + ", ".join(f"{n} {rss_bytes(p, 'VmHWM') / 2**20:.0f} MiB" for n, p in pids.items()) + ")")
 
 
 if __name__ == "__main__":

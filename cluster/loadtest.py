@@ -178,12 +178,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process on this machine (Linux /proc)."""
+def rss_bytes(pid: int, field_name: str = "VmRSS") -> int:
+    """Resident set size of a process on this machine (Linux /proc); "VmHWM": its peak."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field_name + ":"):
             return int(line.split()[1]) * 1024
-    raise ValueError(f"process {pid} has no VmRSS")
+    raise ValueError(f"process {pid} has no {field_name}")
 
 
 def _rounded(value: float) -> float | None:
