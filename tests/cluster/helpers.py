@@ -15,6 +15,11 @@ def chat(question: str, **sampling) -> eft_pb2.GenerateRequest:
     return request
 
 
+def sessions_held(deployment) -> int:
+    """Sessions every worker replica of the deployment holds now, all together."""
+    return sum(map(sum, deployment.worker_sessions().values()))
+
+
 def wait_for(condition, seconds: float, what: str) -> float:
     """Poll ``condition`` every 0.5 s for up to ``seconds``; returns how long it took."""
     started = time.monotonic()

@@ -13,7 +13,7 @@ import grpc
 from ray import serve
 
 from cluster.app import APP_NAME
-from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, wait_for
+from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, sessions_held, wait_for
 
 
 def stream_outcome(service, request, outcomes: list, lock, streaming: threading.Event) -> None:
@@ -99,7 +99,7 @@ def test_a_killed_gateway_fails_its_streams_fast_comes_back_and_its_sessions_are
         thread.start()
     for started in streaming:
         assert started.wait(timeout=60)
-    held = sum(map(sum, deployment.worker_sessions().values()))
+    held = sessions_held(deployment)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     for thread in requests:
@@ -110,7 +110,7 @@ def test_a_killed_gateway_fails_its_streams_fast_comes_back_and_its_sessions_are
     assert slowest < 10, outcomes
     recovered = wait_for(lambda: generates(service, "upscaled"), 90, "a reply from the restarted gateway")
     wait_for(lambda: gateway_pid(deployment) not in (None, victim), 30, "the new gateway's process")
-    wait_for(lambda: sum(map(sum, deployment.worker_sessions().values())) == 0, 60, "workers freeing the dead coordinator's sessions")
+    wait_for(lambda: sessions_held(deployment) == 0, 60, "workers freeing the dead coordinator's sessions")
     freed = time.monotonic() - killed_at
     print(f"kill -9 of the gateway {victim}: 4 streams UNAVAILABLE (the last {slowest:.2f} s after the kill); served again on the same port after {recovered:.1f} s;"
           f" the {held} sessions the old coordinator held were freed by the workers {freed:.1f} s after the kill (idle timeout {IDLE_TIMEOUT_S:.0f} s)")

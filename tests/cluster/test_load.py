@@ -3,7 +3,7 @@ clients, more than the scheduler runs and queues together, asking greedy questio
 answers the reference loop gives. Every token is checked; refusals must be prompt."""
 
 from cluster.loadtest import greedy_cases, rss_bytes, run_load
-from tests.cluster.helpers import MAX_RUNNING, MAX_WAITING, wait_for
+from tests.cluster.helpers import MAX_RUNNING, MAX_WAITING, sessions_held, wait_for
 
 CLIENTS = 32
 SECONDS = 15
@@ -26,4 +26,4 @@ def test_32_streaming_clients_get_exactly_the_reference_outputs(stub, deployment
     assert report.completed >= 50 and report.tokens_checked >= 300, summary
     assert report.refused_after_s and max(report.refused_after_s) < 1.0, summary  # over the queue limit: refused at once
     assert max(growth.values()) < 0.10, growth
-    wait_for(lambda: sum(map(sum, deployment.worker_sessions().values())) == 0, 5, "every session released")
+    wait_for(lambda: sessions_held(deployment) == 0, 5, "every session released")

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from eft_core import SamplingParams
 from services.pb.eft.v1 import eft_pb2
-from tests.cluster.helpers import chat, wait_for
+from tests.cluster.helpers import chat, sessions_held, wait_for
 
 EFT = str(Path(sys.executable).parent / "eft")
 
@@ -51,7 +51,7 @@ def test_cancelled_stream_releases_the_worker_sessions(stub, deployment, quick_f
     call = service.GenerateStream(chat(f"what is the animal of {quick_family.world().entities[1]} ?", temperature=1.0, max_tokens=40), timeout=60)
     assert next(call).token_ids
     call.cancel()  # released by the cancellation, well before the workers' idle timeout (10 s here) would
-    wait_for(lambda: not any(any(replicas) for replicas in deployment.worker_sessions().values()), 5, "sessions released after cancel")
+    wait_for(lambda: sessions_held(deployment) == 0, 5, "sessions released after cancel")
 
 
 def test_requests_spread_over_the_replicas_of_a_worker_group(stub, deployment, quick_family):
