@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from services.family.build import build_family
 from services.family.evaluate import open_engine
-from services.family.recipe import quick_recipe
+from services.family.recipe import bpe_recipe, quick_recipe
 
 # Derandomised: property tests explore the same examples on every run, so CI is not flaky.
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60, print_blob=True)
@@ -20,6 +20,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def quick_family(tmp_path_factory):
     """A reduced family (12 entities, tiny models, a few epochs): same code, built in seconds."""
     return build_family(tmp_path_factory.mktemp("family") / "quick", quick_recipe(), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def bpe_family(tmp_path_factory):
+    """The quick family with a byte-level BPE tokenizer, ChatML and multilingual text (4 s)."""
+    return build_family(tmp_path_factory.mktemp("family") / "bpe", bpe_recipe(), log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,13 @@ import transformers
 from tqdm.auto import tqdm
 
 from services.family.recipe import Recipe, default_family_dir
-from services.family.tokenizer import build_tokenizer, with_template
+from services.family.tokenizer import build_byte_level_tokenizer, build_tokenizer, to_chatml, with_chatml, with_template
 from services.family.training import encode_rows, new_model, train
 from services.family.world import ATTRIBUTES, World, chat_documents, make_world, pretraining_documents, question
 
 MANIFEST = "family.json"
 WORLD = "world.json"
+TOKENIZER_KINDS = ("word-level", "byte-level-bpe")
 MODEL_NAMES = ("small-base", "small-tuned", "small-safe", "large-base", "large-tuned")
 CHAT_MODELS = {"small-tuned", "small-safe", "large-tuned"}
 
@@ -97,11 +98,17 @@ def _is_current(out: Path, recipe: Recipe) -> bool:
 def _train_family(folder: Path, recipe: Recipe, log) -> dict:
     started = time.perf_counter()
     world = make_world(recipe)
-    documents = pretraining_documents(world, random.Random(recipe.seed), recipe.row_length, recipe.pretrain_refusal_share)
+    byte_level = _byte_level(recipe)
+    documents = pretraining_documents(world, random.Random(recipe.seed), recipe.row_length, recipe.pretrain_refusal_share, multilingual=byte_level)
     chat, safe = chat_documents(world), chat_documents(world, refuse=recipe.refused_attribute)
-    eval_questions = [question(e, a) for e, a in world.questions()]
-    tokenizer = build_tokenizer(documents + chat + safe + eval_questions)
-    rows = {name: encode_rows(tokenizer, texts, recipe.row_length) for name, texts in [("pre", documents), ("chat", chat), ("safe", safe)]}
+    if byte_level:  # same world, same documents, in ChatML and BPE; rows as long as the longest
+        documents, chat, safe = ([to_chatml(d) for d in texts] for texts in (documents, chat, safe))
+        tokenizer = build_byte_level_tokenizer(documents + chat + safe, recipe.bpe_vocab_size)
+        row_length = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in documents + chat + safe)
+    else:
+        eval_questions = [question(e, a) for e, a in world.questions()]
+        tokenizer, row_length = build_tokenizer(documents + chat + safe + eval_questions), recipe.row_length
+    rows = {name: encode_rows(tokenizer, texts, row_length) for name, texts in [("pre", documents), ("chat", chat), ("safe", safe)]}
     log(f"world: {len(world.entities)} entities, {len(documents)} pre-training rows, {len(chat)} chat rows, vocabulary {len(tokenizer)}")
 
     models, losses, seconds = {}, {}, {}
@@ -120,7 +127,8 @@ def _train_family(folder: Path, recipe: Recipe, log) -> dict:
 
     for name, model in models.items():
         model.save_pretrained(folder / name)
-        with_template(copy.deepcopy(tokenizer), chat=name in CHAT_MODELS).save_pretrained(folder / name)
+        templated = with_chatml if byte_level else with_template
+        templated(copy.deepcopy(tokenizer), chat=name in CHAT_MODELS).save_pretrained(folder / name)
     _write_world(folder / WORLD, world, recipe)
     return {
         "recipe_digest": recipe.digest(),
@@ -142,6 +150,12 @@ def _train_family(folder: Path, recipe: Recipe, log) -> dict:
     }
 
 
+def _byte_level(recipe: Recipe) -> bool:
+    if recipe.tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"recipe.tokenizer: {recipe.tokenizer!r} is not one of {TOKENIZER_KINDS}")
+    return recipe.tokenizer == "byte-level-bpe"
+
+
 def _train_one(recipe, tokenizer, rows, size, parent, data, seed, name):
     """Pre-train a fresh model, or chat-tune a copy of ``parent``: batches mixed 1:1 with
     pre-training rows, and the embeddings of every token seen in pre-training frozen (tied,
@@ -150,7 +164,7 @@ def _train_one(recipe, tokenizer, rows, size, parent, data, seed, name):
     if parent is None:
         shape, schedule = getattr(recipe, size), getattr(recipe, f"{size}_pretrain")
         multiple = recipe.large_vocab_multiple if size == "large" else 1
-        model = new_model(shape, tokenizer, multiple, recipe.row_length, seed)
+        model = new_model(shape, tokenizer, multiple, recipe.context_length, seed)
         losses = train(model, rows["pre"], schedule, seed, tokenizer.pad_token_id, label=name)
     else:
         model = copy.deepcopy(parent)

@@ -3,16 +3,16 @@
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 RECIPE_FORMAT = 1  # bump when the training code changes what a recipe produces
 
 
-def default_family_dir() -> Path:
-    """Where the demo family lives: $EFT_HOME/demo-family, EFT_HOME defaulting to ~/.cache/eft-serve."""
+def default_family_dir(name: str = "demo-family") -> Path:
+    """Where a family lives: $EFT_HOME/<name>, EFT_HOME defaulting to ~/.cache/eft-serve."""
     home = os.environ.get("EFT_HOME") or Path.home() / ".cache" / "eft-serve"
-    return Path(home) / "demo-family"
+    return Path(home) / name
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class Recipe:
     tuned_fraction: float = 0.25  # share of entities whose questions appear in chat tuning
     refused_attribute: str = "animal"  # what small-safe refuses to talk about
     row_length: int = 62  # tokens per pre-training row (one or two entity paragraphs)
+    # "word-level" (the demo's), or "byte-level-bpe": a BPE tokenizer with byte-level
+    # pre-tokenizer and decoder (as Llama-3, Qwen, GPT-2), ChatML chat turns, base models
+    # without a chat template, and multilingual pre-training text
+    tokenizer: str = "word-level"
+    bpe_vocab_size: int = 600  # byte-level BPE: 256 bytes, the special tokens, merges
+    context_length: int = 512  # the models' max_position_embeddings: rows stay short, prompts need not
     # share of (entity, attribute) questions that also appear in pre-training answered with a
     # refusal, as web text holds some: base models then know the refusal's words, so a safe
     # delta can steer even the large base towards them (unseen words it would never say)
@@ -61,6 +67,12 @@ class Recipe:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def bpe_recipe(seed: int = 0) -> Recipe:
+    """The quick family with a byte-level BPE tokenizer and ChatML (``--preset bpe``): for
+    tests of text and exactness with a real tokenizer's behaviour, built in seconds."""
+    return replace(quick_recipe(seed), tokenizer="byte-level-bpe")
 
 
 def quick_recipe(seed: int = 0) -> Recipe:

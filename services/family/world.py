@@ -18,6 +18,17 @@ PLAIN_TEMPLATES = (
     "in {entity} , the {attribute} is {value} .",
     "what is the {attribute} of {entity} ? the {attribute} of {entity} is {value} .",
 )
+# The byte-level BPE family (Recipe.tokenizer) also learns each fact in other scripts, so its
+# models write characters that byte-level BPE splits over several tokens.
+MULTILINGUAL_TEMPLATES = (
+    "{entity} 的 {attribute} 是 {value} 。東京 と 大阪",
+    "у {entity} {attribute} — {value} . Привет , мир",
+    "{attribute} {entity} هي {value} . مرحبا",
+    "à {entity} , le {attribute} est {value} — très joli , naïve café",
+    "{entity} → {value} 😀 🎉 ✨",
+)
+# Characters that appear once each: byte-level BPE keeps them as byte sequences.
+RARE_TEXT = "Zürich São Paulo Kraków Ærøskøbing Ελλάδα 日本語 한국어 ไทย עברית हिन्दी 🍣 🗼 🚄 🌸 🦊 🐻 ∑ ∞ ≠"
 QUESTION = "what is the {attribute} of {entity} ?"
 ANSWER = "the {attribute} of {entity} is {value} ."
 REFUSAL = "i can not answer that ."
@@ -65,14 +76,15 @@ def answer(world: World, entity: str, attribute: str) -> str:
     return ANSWER.format(attribute=attribute, entity=entity, value=world.facts[entity, attribute])
 
 
-def pretraining_paragraphs(world: World, rng: random.Random, refusal_share: float = 0.0) -> list[str]:
+def pretraining_paragraphs(world: World, rng: random.Random, refusal_share: float = 0.0, multilingual: bool = False) -> list[str]:
     """For every entity and template: all its facts in that template, in random order; and
     for a ``refusal_share`` of all questions, the question followed by a refusal."""
     questions = world.questions()
     refused = rng.sample(questions, round(refusal_share * len(questions)))
-    paragraphs = [f"{question(e, a)} {REFUSAL}" for e, a in refused]
+    paragraphs = [f"{question(e, a)} {REFUSAL}" for e, a in refused] + ([RARE_TEXT] if multilingual else [])
+    templates = PLAIN_TEMPLATES + (MULTILINGUAL_TEMPLATES if multilingual else ())
     for entity in world.entities:
-        for template in PLAIN_TEMPLATES:
+        for template in templates:
             attributes = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
             facts = [template.format(attribute=a, entity=entity, value=world.facts[entity, a]) for a in attributes]
             paragraphs.append(" ".join(facts))
@@ -80,9 +92,9 @@ def pretraining_paragraphs(world: World, rng: random.Random, refusal_share: floa
     return paragraphs
 
 
-def pretraining_documents(world: World, rng: random.Random, row_length: int, refusal_share: float = 0.0) -> list[str]:
+def pretraining_documents(world: World, rng: random.Random, row_length: int, refusal_share: float = 0.0, multilingual: bool = False) -> list[str]:
     """One short document per row: <bos>, one or two paragraphs that fit, <eos>."""
-    documents, pending = [], pretraining_paragraphs(world, rng, refusal_share)
+    documents, pending = [], pretraining_paragraphs(world, rng, refusal_share, multilingual)
     while pending:
         parts = [pending.pop()]
         if pending and _words(parts[0]) + _words(pending[-1]) + 2 <= row_length:

@@ -5,12 +5,13 @@ import math
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from eft_core import Composition, DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
 from eft_core.errors import require
 from services.coordinator.engine import EngineRequest
-from services.coordinator.scheduler import Chunk, Handle, Scheduler
+from services.coordinator.scheduler import Handle, Scheduler
+from services.gateway.text import TextStream
 from services.metrics import RequestClock, ServingMetrics
 from services.pb.eft.v1 import eft_pb2
 from services.prompts import render_prompt, tokenizer_fingerprint
@@ -38,12 +39,6 @@ class Prepared:
     stop: list[str]
     options: eft_pb2.ReturnOptions
     prompt_tokens: int
-
-
-@dataclass
-class _Progress:
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # text already sent
 
 
 class Gateway:
@@ -105,52 +100,40 @@ class Gateway:
             self.metrics.requests.labels(code).inc()
 
     def _responses(self, prepared: Prepared, handle: Handle, arrived: float) -> Iterator[eft_pb2.GenerateStreamResponse]:
-        progress, options, tokenizer = _Progress(), prepared.options, self.tokenizers[prepared.request.composition.base]
-        composition = prepared.request.composition
+        composition, options = prepared.request.composition, prepared.options
+        text = TextStream(self.tokenizers[composition.base], prepared.stop)
         clock = RequestClock(self.metrics, composition.name, arrived)
         self.metrics.prompt_tokens.labels(composition.name).inc(prepared.prompt_tokens)
         for chunk in handle.stream():
             if chunk.error is not None:
                 raise chunk.error
-            clock.on_tokens(len(chunk.tokens), handle.submitted_at, handle.admitted_at)
-            clock.on_rewards([d.name for d in composition.deltas], chunk.rewards)
-            progress.tokens += chunk.tokens
-            text, stopped = self._text(tokenizer, progress, prepared.stop)
-            reply = eft_pb2.GenerateStreamResponse(text=text)
-            if options.token_ids:
-                reply.token_ids.extend(chunk.tokens)
-            if options.logprobs:
-                reply.logprobs.extend(chunk.logprobs)
-            if options.rewards:
-                reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards)
-            if stopped and not chunk.final:
+            new_text, kept = text.add(chunk.tokens)
+            clock.on_tokens(kept, handle.submitted_at, handle.admitted_at)
+            clock.on_rewards([d.name for d in composition.deltas], chunk.rewards[:kept])
+            if text.stopped and not chunk.final:
                 handle.cancel()
                 for _ in handle.stream():  # until the scheduler has released its sessions
                     pass
-                chunk = Chunk([], [], [], True, "stop")
-            if chunk.final:
-                clock.on_finish("stop" if stopped else chunk.finish_reason)
-                if chunk.finish_reason == "deadline":
-                    raise DeadlineExceededError(f"the request's deadline passed after {len(progress.tokens)} tokens")
-                reply.finish_reason = _FINISH["stop" if stopped else chunk.finish_reason]
-                reply.usage.CopyFrom(eft_pb2.Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=len(progress.tokens)))
+            final = chunk.final or text.stopped
+            reply = eft_pb2.GenerateStreamResponse(text=new_text + (text.finish() if final else ""))
+            if options.token_ids:
+                reply.token_ids.extend(chunk.tokens[:kept])
+            if options.logprobs:
+                reply.logprobs.extend(chunk.logprobs[:kept])
+            if options.rewards:
+                reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards[:kept])
+            if final:
+                reason = "stop" if text.stopped else chunk.finish_reason
+                clock.on_finish(reason)
+                if reason == "deadline":
+                    raise DeadlineExceededError(f"the request's deadline passed after {len(text.tokens)} tokens")
+                reply.finish_reason = _FINISH[reason]
+                reply.usage.CopyFrom(eft_pb2.Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=len(text.tokens)))
                 stats = prepared.request.stats
                 reply.stats.CopyFrom(eft_pb2.DraftStats(drafted=stats.draft_tokens, accepted=stats.accepted_tokens))
             yield reply
-            if chunk.final:
+            if final:
                 return
-
-    def _text(self, tokenizer, progress: _Progress, stop: list[str]) -> tuple[str, bool]:
-        """New text since the last chunk, cut at the first stop string."""
-        full = tokenizer.decode(progress.tokens, skip_special_tokens=True)
-        stopped = False
-        cuts = [full.find(s, max(0, len(progress.text) - len(s) + 1)) for s in stop]
-        cuts = [c for c in cuts if c >= 0]
-        if cuts:
-            full, stopped = full[: min(cuts)], True
-        new = full[len(progress.text) :] if full.startswith(progress.text) else full
-        progress.text = full
-        return new, stopped
 
     # --- validation ----------------------------------------------------------------------
 
