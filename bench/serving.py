@@ -54,8 +54,8 @@ from services.gateway.server import create_server
 from services.metrics import ServingMetrics
 from services.oracle import OracleEngine, load_model
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
-from services.prompts import check_shared_tokenizer
-from services.worker.client import GrpcWorkerClient
+from services.prompts import composition_vocab_sizes
+from services.worker.client import GrpcWorkerClient, model_contexts
 from services.worker.processes import start_worker, wait_listening
 
 BASE_MODELS = ("large-base", "large-base-deep")
@@ -109,8 +109,8 @@ class Served:
 
         tokenizers = {m: AutoTokenizer.from_pretrained(path) for m, path in family.items()}
         self.metrics = ServingMetrics()
-        self.scheduler = Scheduler(Engine(placement, check_shared_tokenizer(tokenizers), metrics=self.metrics), max_running=64, max_waiting=1024)
-        gateway = Gateway(COMPOSITIONS, tokenizers, self.scheduler, "upscaled", Limits(max_tokens=256, max_draft_k=16), self.metrics)
+        self.scheduler = Scheduler(Engine(placement, composition_vocab_sizes(COMPOSITIONS.values(), tokenizers), metrics=self.metrics), max_running=64, max_waiting=1024)
+        gateway = Gateway(COMPOSITIONS, tokenizers, model_contexts(self.clients), self.scheduler, "upscaled", Limits(max_tokens=256, max_draft_k=16), self.metrics)
         self.server, port = create_server(gateway, "127.0.0.1:0")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = eft_pb2_grpc.EFTServiceStub(self.channel)

@@ -1,6 +1,8 @@
 """The serving configuration: validated pydantic models (unknown keys are errors), loadable
-from YAML. Cross-field rules live in model validators; the tokenizer check loads each
-composition's tokenizers (not the weights) and refuses a mismatch naming both models."""
+from YAML. Cross-field rules live in model validators; ``load_tokenizers`` loads every
+model's tokenizer (not the weights), refuses a composition whose models' tokenizers differ
+naming both models, and a chat template that does not render; the gateway replica runs the
+same check when it starts."""
 
 from pathlib import Path
 from typing import Literal
@@ -8,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from eft_core import Composition, Delta, EFTError
 from services.family.compositions import family_compositions
 from services.family.recipe import default_family_dir
 
@@ -20,18 +23,21 @@ class ModelConfig(_Strict):
     path: str = Field(description="local folder or Hugging Face hub id, loaded with from_pretrained")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", description="cpu, or cuda (the replica's GPU)")
-    chat_template: str | None = Field(None, description="Jinja chat template for this model's prompts (default: the one its tokenizer folder holds)")
-
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template for this model's prompts (default: the one its tokenizer folder holds; a model with none sees a chat as its messages' contents joined by a blank line)",
+    )
 
     @field_validator("chat_template")
     @classmethod
     def _compiles(cls, template: str | None) -> str | None:
+        """Compiled as ``apply_chat_template`` compiles it (its extensions: ``{% generation %}``, loop controls)."""
         if template is not None:
             from jinja2 import TemplateSyntaxError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from transformers.utils.chat_template_utils import _compile_jinja_template
 
             try:
-                ImmutableSandboxedEnvironment().from_string(template)
+                _compile_jinja_template(template)
             except TemplateSyntaxError as error:
                 raise ValueError(f"not a valid Jinja template: {error.message} (line {error.lineno})") from None
         return template
@@ -62,6 +68,10 @@ class CompositionConfig(_Strict):
     base: str = Field(description="the base model")
     deltas: list[DeltaConfig] = Field(default_factory=list, description="behaviour deltas")
     drafter: str | None = Field(None, description="speculative drafter (default: the first delta's tuned model)")
+
+    def composition(self) -> Composition:
+        deltas = tuple(Delta(d.name, d.tuned, d.reference, d.weight) for d in self.deltas)
+        return Composition(self.name, self.base, deltas, self.drafter)
 
 
 class LimitsConfig(_Strict):
@@ -132,18 +142,26 @@ def load_config(path: str | Path) -> ServeConfig:
     return ServeConfig.model_validate(data)
 
 
-def check_tokenizers(config: ServeConfig) -> None:
-    """Every composition's models must share one tokenizer: refuse naming both models."""
+def load_tokenizers(config: ServeConfig) -> dict:
+    """Every model's tokenizer (with the config's chat template, where it sets one), checked:
+    each chat template renders a one-message chat, and each composition's models share one
+    tokenizer (different compositions may use different tokenizer families). A failed check
+    is a ValueError naming the field."""
     from transformers import AutoTokenizer
 
-    from services.prompts import tokenizer_fingerprint
+    from services.prompts import check_chat_template, composition_vocab_sizes
 
-    fingerprints = {name: tokenizer_fingerprint(AutoTokenizer.from_pretrained(m.path)) for name, m in config.models.items()}
-    for i, composition in enumerate(config.compositions):
-        members = [composition.base] + [m for d in composition.deltas for m in (d.tuned, d.reference)] + ([composition.drafter] if composition.drafter else [])
-        for model in members:
-            if fingerprints[model] != fingerprints[composition.base]:
-                raise ValueError(f"compositions[{i}] ({composition.name!r}): {model!r} and {composition.base!r} have different tokenizers; all models of a composition must share one")
+    tokenizers = {}
+    try:
+        for name, model in config.models.items():
+            tokenizers[name] = AutoTokenizer.from_pretrained(model.path)
+            if model.chat_template is not None:
+                tokenizers[name].chat_template = model.chat_template
+            check_chat_template(tokenizers[name], f"models.{name}.chat_template")
+        composition_vocab_sizes([c.composition() for c in config.compositions], tokenizers)
+    except EFTError as error:
+        raise ValueError(str(error)) from None
+    return tokenizers
 
 
 def demo_config(family_dir: Path | None = None, grpc_port: int = 50051, http_port: int = 8000, metrics_port: int = 9464) -> ServeConfig:

@@ -13,21 +13,19 @@ import logging
 import os
 
 import torch
-from transformers import AutoTokenizer
 
-from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig
+from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig, load_tokenizers
 from cluster.directory import WorkerDirectory
-from eft_core import Composition, Delta
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
-from services.prompts import check_shared_tokenizer
+from services.prompts import composition_vocab_sizes
 from services.security import Security
 from services.wire import DTYPE_NAMES
-from services.worker.client import info_or_none
+from services.worker.client import info_or_none, model_contexts
 from services.worker.server import create_server as create_worker_server
 from services.worker.tensor_parallel import start_tensor_parallel_worker
 from services.worker.worker import ModelWorker, load_hosted_model, start_idle_reaper
@@ -83,17 +81,17 @@ class GatewayReplica:
     async def __init__(self, config: dict, workers: dict):  # Ray Serve awaits an async constructor
         config = ServeConfig.model_validate(config)
         torch.set_num_threads(1)  # the coordinator's tensors are small: extra threads only spin against the workers
-        tokenizers = {name: _tokenizer(m) for name, m in config.models.items()}
-        compositions = {c.name: _composition(c) for c in config.compositions}
-        vocab_size = check_shared_tokenizer(tokenizers)  # one engine, one vocabulary
+        tokenizers = load_tokenizers(config)  # the check `eft serve` made: the same rule
+        compositions = {c.name: c.composition() for c in config.compositions}
         metrics = ServingMetrics()
-        engine = Engine({model: [] for model in config.models}, vocab_size, metrics=metrics)
+        engine = Engine({model: [] for model in config.models}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics)
         self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
         await self.directory.start()
+        contexts = model_contexts(next(iter(clients.values())) for clients in self.directory.clients.values())
         limits = config.limits
         self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
-        gateway = Gateway(compositions, tokenizers, self.scheduler, config.default_composition, gateway_limits, metrics)
+        gateway = Gateway(compositions, tokenizers, contexts, self.scheduler, config.default_composition, gateway_limits, metrics)
         metrics.add_state(scheduler_state(self.scheduler))
         metrics.add_state(worker_state(self.directory.labelled_clients))
         tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
@@ -123,15 +121,3 @@ class GatewayReplica:
     def check_health(self) -> None:
         if not self.scheduler.thread.is_alive():
             raise RuntimeError("the scheduler loop has stopped")
-
-
-def _tokenizer(model: ModelConfig):
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
-    if model.chat_template is not None:
-        tokenizer.chat_template = model.chat_template
-    return tokenizer
-
-
-def _composition(config) -> Composition:
-    deltas = tuple(Delta(d.name, d.tuned, d.reference, d.weight) for d in config.deltas)
-    return Composition(config.name, config.base, deltas, config.drafter)

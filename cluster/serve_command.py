@@ -7,14 +7,14 @@ from pathlib import Path
 
 import grpc
 
-from cluster.config import ServeConfig, check_tokenizers, demo_config, load_config
+from cluster.config import ServeConfig, demo_config, load_config, load_tokenizers
 
 
 def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | None], num_cpus: int | None, demo: bool) -> int:
     """``ports``: grpc_port, http_port, metrics_port overrides (None: the config's)."""
     config = _config(config_path, ports)
-    print("checking that every composition's models share a tokenizer ...", flush=True)
-    check_tokenizers(config)
+    print("checking the tokenizers: chat templates render, each composition's models share one ...", flush=True)
+    load_tokenizers(config)
     print(f"starting a local Ray cluster (127.0.0.1) and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
     from cluster.launcher import start_local, stop_local
 

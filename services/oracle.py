@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from eft_core import Composition, Generation, NotFoundError, SamplingParams, generate
 from services.hf_compat import cache_kwargs
-from services.prompts import Prompt, check_shared_tokenizer, render_prompt
+from services.prompts import Prompt, composition_vocab_sizes, render_prompt, stop_token_ids
 
 
 @dataclass
@@ -92,8 +92,8 @@ class OracleEngine:
             for name in composition.models:
                 if name not in self.models:
                     raise NotFoundError(f"composition {composition.name!r} needs model {name!r}, which is not loaded", field="models")
-        self.vocab_size = check_shared_tokenizer({n: m.tokenizer for n, m in self.models.items()})
-        self.tokenizer = next(iter(self.models.values())).tokenizer
+        self.tokenizers = {n: m.tokenizer for n, m in self.models.items()}
+        self.vocab_sizes = composition_vocab_sizes(self.compositions.values(), self.tokenizers)
 
     def composition(self, name: str) -> Composition:
         if name not in self.compositions:
@@ -114,15 +114,15 @@ class OracleEngine:
         keep_logits: bool = False,
         ignore_eos: bool = False,
     ) -> OracleResult:
-        """One completion; stops at the tokenizer's EOS unless ``ignore_eos``. ``keep_logits``:
+        """One completion; stops at its models' EOS tokens unless ``ignore_eos``. ``keep_logits``:
         return every scored model's logits at each emitted position (speculation off)."""
         chosen = self.composition(composition)
         sources = self.sources(chosen, prompt, speculative=draft_k > 0)
         recorders = {n: RecordingSource(s) for n, s in sources.items()} if keep_logits and not draft_k else None
-        if not ignore_eos and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in params.stop_token_ids:
-            params = replace(params, stop_token_ids=(*params.stop_token_ids, self.tokenizer.eos_token_id))
-        generation = generate(recorders or sources, chosen, params, weights=weights, vocab_size=self.vocab_size, draft_k=draft_k)
-        text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+        if not ignore_eos:
+            params = replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *stop_token_ids(self.tokenizers, chosen)))))
+        generation = generate(recorders or sources, chosen, params, weights=weights, vocab_size=self.vocab_sizes[composition], draft_k=draft_k)
+        text = self.tokenizers[chosen.base].decode(generation.tokens, skip_special_tokens=True)
         step_logits = [{n: r.by_length[t] for n, r in recorders.items()} for t in range(len(generation.tokens))] if recorders else None
         return OracleResult(text, generation, {n: s.prompt for n, s in sources.items()}, step_logits)
 

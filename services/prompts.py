@@ -2,17 +2,26 @@
 template; a plain text prompt is tokenised the same for every model. Generated tokens are
 then appended to every model's prefix alike.
 
-Also the tokenizer fingerprint: models of one composition must share one token-to-id map.
+A model without a chat template (most base checkpoints) sees a chat as plain text: the
+messages' contents joined by a blank line (``PLAIN_CHAT_SEPARATOR``), with its BOS token if
+it has one, as a plain prompt would be. ``models.<name>.chat_template`` in the serving
+config gives it any other rendering.
+
+Also the tokenizer rules: models of one composition must share one token-to-id map
+(compositions may differ), and a composition stops at the end-of-sequence token of any of
+its models (a chat model ends its turn with its own, e.g. ``<|im_end|>``).
 """
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from eft_core import Composition
 from eft_core.errors import InvalidArgumentError, require
 
 ROLES = ("system", "user", "assistant")
 Prompt = str | Sequence[Mapping[str, str]]  # plain text, or chat messages {"role", "content"}
+PLAIN_CHAT_SEPARATOR = "\n\n"
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
@@ -22,9 +31,23 @@ def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     messages = validate_messages(prompt)
-    require(tokenizer.chat_template is not None, "messages", "this model has no chat template: send a plain text prompt")
+    if tokenizer.chat_template is None:
+        text = PLAIN_CHAT_SEPARATOR.join(m["content"] for m in messages)
+        require(text != "", "messages", "every content is empty, and a model without a chat template sees only the contents")
+        return render_prompt(tokenizer, text)
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
+
+
+def check_chat_template(tokenizer, field: str) -> None:
+    """Refuse, at load, a chat template that cannot render a one-message chat (it compiles
+    as transformers compiles it, then renders through ``apply_chat_template``)."""
+    if tokenizer.chat_template is None:
+        return
+    try:
+        render_prompt(tokenizer, [{"role": "user", "content": "hello"}])
+    except Exception as error:  # jinja2's syntax and render errors, raise_exception() in templates
+        raise InvalidArgumentError(f"the chat template does not render a one-message chat: {type(error).__name__}: {error}", field=field) from None
 
 
 def validate_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
@@ -45,15 +68,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def check_shared_tokenizer(tokenizers: Mapping[str, object]) -> int:
-    """Refuse models whose token-to-id maps differ; returns the shared vocabulary size."""
+def composition_vocab_sizes(compositions: Iterable[Composition], tokenizers: Mapping[str, object]) -> dict[str, int]:
+    """The vocabulary each composition's models share (by composition name). A composition
+    whose models' token-to-id maps differ is refused naming both models."""
     fingerprints = {name: tokenizer_fingerprint(t) for name, t in tokenizers.items()}
-    first = next(iter(fingerprints))
-    for name, fingerprint in fingerprints.items():
-        if fingerprint != fingerprints[first]:
-            raise InvalidArgumentError(
-                f"tokenizer of {name!r} differs from that of {first!r} (fingerprints {fingerprint} vs {fingerprints[first]}): "
-                "all models of a composition must share one tokenizer",
-                field=f"models[{name!r}].tokenizer",
-            )
-    return len(tokenizers[first])
+    sizes = {}
+    for composition in compositions:
+        for model in composition.models:
+            if fingerprints[model] != fingerprints[composition.base]:
+                raise InvalidArgumentError(
+                    f"{model!r} and {composition.base!r} have different tokenizers (fingerprints {fingerprints[model]} vs "
+                    f"{fingerprints[composition.base]}): all models of a composition must share one",
+                    field=f"compositions[{composition.name!r}]",
+                )
+        sizes[composition.name] = len(tokenizers[composition.base])
+    return sizes
+
+
+def stop_token_ids(tokenizers: Mapping[str, object], composition: Composition) -> tuple[int, ...]:
+    """The end-of-sequence ids of the composition's models (a base ends a document with one,
+    a chat model its turn with another)."""
+    ids = (tokenizers[m].eos_token_id for m in composition.models)
+    return tuple(dict.fromkeys(i for i in ids if i is not None))

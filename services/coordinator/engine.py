@@ -87,11 +87,13 @@ class Engine:
     """``workers`` maps each model to the client of the worker hosting it, or to a list of
     clients, one per replica of its worker group (models of one group share one list).
     A request is placed on one replica per group when it starts and stays there;
-    ``set_replicas`` changes a group's replicas for the requests placed afterwards."""
+    ``set_replicas`` changes a group's replicas for the requests placed afterwards.
+    ``vocab_sizes``: the vocabulary each composition's models share, by composition name
+    (compositions of different tokenizer families may be served together)."""
 
-    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_size: int, logits_dtype: torch.dtype = torch.float32, metrics=None):
+    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_sizes: Mapping[str, int], logits_dtype: torch.dtype = torch.float32, metrics=None):
         self.replicas = {m: w if isinstance(w, list) else [w] for m, w in workers.items()}
-        self.vocab_size, self.logits_dtype = vocab_size, logits_dtype
+        self.vocab_sizes, self.logits_dtype = dict(vocab_sizes), logits_dtype
         self.metrics = metrics  # services.metrics.ServingMetrics, or None
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
@@ -206,13 +208,14 @@ class Engine:
         sampled = {}
         for rows in groups.values():
             composition = rows[0].composition
+            vocab = self.vocab_sizes[composition.name]
             per_model = {m: torch.stack([scored[r.id][m].float() for r in rows]) for m in composition.scored_models}  # [B, 1, vocab]
             weights = torch.tensor([list(r.weights) for r in rows], dtype=torch.float32).reshape(len(rows), len(composition.deltas))
-            target = eft_logprobs(per_model, composition, weights, self.vocab_size)  # [B, 1, vocab]
-            nucleus = torch.log_softmax(per_model[composition.nucleus_model][:, 0, : self.vocab_size], dim=-1)
+            target = eft_logprobs(per_model, composition, weights, vocab)  # [B, 1, vocab]
+            nucleus = torch.log_softmax(per_model[composition.nucleus_model][:, 0, :vocab], dim=-1)
             batch = SamplingBatch.from_params([r.params for r in rows], {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
             tokens, _ = sample(target[:, 0], batch, nucleus)
-            rewards = implicit_rewards(per_model, composition, tokens[:, None], self.vocab_size)  # [B, 1, deltas]
+            rewards = implicit_rewards(per_model, composition, tokens[:, None], vocab)  # [B, 1, deltas]
             logprobs = target[:, 0].gather(-1, tokens[:, None])[:, 0]
             for i, r in enumerate(rows):
                 sampled[r.id] = [int(tokens[i])]
@@ -221,13 +224,14 @@ class Engine:
 
     def _accept_drafts(self, r: EngineRequest, logits: dict[str, torch.Tensor], drafted) -> list[int]:
         """Accept a prefix of the request's drafts plus a recovered or bonus token; emit them."""
+        vocab = self.vocab_sizes[r.composition.name]
         per_model = {m: t.float()[None] for m, t in logits.items()}  # [1, k + 1, vocab]
-        target = eft_logprobs(per_model, r.composition, r.weights, self.vocab_size)[0]  # [k + 1, vocab]
-        nucleus = torch.log_softmax(per_model[r.composition.nucleus_model][0, :, : self.vocab_size], dim=-1)
+        target = eft_logprobs(per_model, r.composition, r.weights, vocab)[0]  # [k + 1, vocab]
+        nucleus = torch.log_softmax(per_model[r.composition.nucleus_model][0, :, :vocab], dim=-1)
         emitted = self._accept(r, target, nucleus, *drafted)
         n = len(emitted)
         tokens = torch.tensor([emitted])
-        rewards = implicit_rewards({m: t[:, :n] for m, t in per_model.items()}, r.composition, tokens, self.vocab_size)[0]
+        rewards = implicit_rewards({m: t[:, :n] for m, t in per_model.items()}, r.composition, tokens, vocab)[0]
         self._emit(r, emitted, target[torch.arange(n), tokens[0]].tolist(), rewards.tolist())
         return emitted
 

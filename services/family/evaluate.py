@@ -135,11 +135,12 @@ def _ask(engine, world, composition, weights, entity, attribute, params, record_
 def _small_tuned_tv(engine, step_logits, weights) -> list[float]:
     """Total variation between small-tuned's and the up-scaled distribution at each step."""
     composition = engine.composition("upscaled")
+    vocab = engine.vocab_sizes[composition.name]
     out = []
     for logits in step_logits:
         batched = {m: t[None, None] for m, t in logits.items()}
-        p = eft_logprobs(batched, composition, composition.weights(weights), engine.vocab_size)[0, 0].exp()
-        q = torch.softmax(logits["small-tuned"][: engine.vocab_size].float(), dim=-1)
+        p = eft_logprobs(batched, composition, composition.weights(weights), vocab)[0, 0].exp()
+        q = torch.softmax(logits["small-tuned"][:vocab].float(), dim=-1)
         out.append(0.5 * float((p - q).abs().sum()))
     return out
 

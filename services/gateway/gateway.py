@@ -14,7 +14,7 @@ from services.coordinator.scheduler import Handle, Scheduler
 from services.gateway.text import TextStream
 from services.metrics import RequestClock, ServingMetrics
 from services.pb.eft.v1 import eft_pb2
-from services.prompts import render_prompt, tokenizer_fingerprint
+from services.prompts import render_prompt, stop_token_ids, tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,11 @@ class Prepared:
 
 
 class Gateway:
-    def __init__(self, compositions: Mapping[str, Composition], tokenizers: Mapping[str, object], scheduler: Scheduler, default_composition: str, limits: Limits = Limits(), metrics: ServingMetrics | None = None):
-        self.compositions, self.tokenizers, self.scheduler = dict(compositions), dict(tokenizers), scheduler
+    """``tokenizers`` and ``contexts`` (the positions each model's sessions may hold, from the
+    workers' Info: services.worker.client.model_contexts) by model name."""
+
+    def __init__(self, compositions: Mapping[str, Composition], tokenizers: Mapping[str, object], contexts: Mapping[str, int], scheduler: Scheduler, default_composition: str, limits: Limits = Limits(), metrics: ServingMetrics | None = None):
+        self.compositions, self.tokenizers, self.contexts, self.scheduler = dict(compositions), dict(tokenizers), dict(contexts), scheduler
         self.default_composition, self.limits = default_composition, limits
         self.metrics = metrics or ServingMetrics()
 
@@ -64,13 +67,10 @@ class Gateway:
         """Validate everything once; errors name the field."""
         composition = self._composition(message.composition or self.default_composition)
         weights = self._weights(composition, message.weights)
-        params = self._sampling(message.sampling, composition)
+        self._check_stop(message.sampling)
         draft_k, adaptive = self._speculation(message.speculation, composition)
-        prompt = self._prompt(message)
-        prompts = {m: render_prompt(self.tokenizers[m], prompt) for m in composition.models}
-        longest = max(len(p) for p in prompts.values())
-        if longest > self.limits.max_prompt_tokens:
-            raise ResourceExhaustedError(f"{longest} prompt tokens, over the limit of {self.limits.max_prompt_tokens}", field="prompt")
+        prompts = self._prompts(composition, self._prompt(message))
+        params = self._sampling(message.sampling, composition, self._max_tokens(message.sampling, prompts))
         request = EngineRequest(uuid.uuid4().hex, composition, prompts, params, weights, draft_k, adaptive)
         return Prepared(request, list(message.sampling.stop), message.return_options, len(prompts[composition.base]))
 
@@ -147,13 +147,32 @@ class Gateway:
             require(math.isfinite(value) and abs(value) <= self.limits.max_weight_magnitude, f"weights[{name!r}]", f"must be finite with |w| <= {self.limits.max_weight_magnitude}, got {value}")
         return composition.weights(dict(weights))
 
-    def _sampling(self, message: eft_pb2.Sampling, composition: Composition) -> SamplingParams:
-        max_tokens = message.max_tokens or min(self.limits.default_max_tokens, self.limits.max_tokens)
-        if max_tokens > self.limits.max_tokens:
-            raise ResourceExhaustedError(f"max_tokens {max_tokens} is over the limit of {self.limits.max_tokens}", field="sampling.max_tokens")
+    def _prompts(self, composition: Composition, prompt) -> dict[str, list[int]]:
+        """Each model's rendered prompt, within the prompt limit."""
+        prompts = {m: render_prompt(self.tokenizers[m], prompt) for m in composition.models}
+        longest = max(len(p) for p in prompts.values())
+        if longest > self.limits.max_prompt_tokens:
+            raise ResourceExhaustedError(f"{longest} prompt tokens, over the limit of {self.limits.max_prompt_tokens}", field="prompt")
+        return prompts
+
+    def _max_tokens(self, message: eft_pb2.Sampling, prompts: dict[str, list[int]]) -> int:
+        """The request's max_tokens: within the limit, and such that every model's prompt plus
+        every generated token fits that model's context (an unset one: what fits, up to the
+        default). Checked here once, so no request outgrows a worker's session in a batch."""
+        if message.max_tokens > self.limits.max_tokens:
+            raise ResourceExhaustedError(f"max_tokens {message.max_tokens} is over the limit of {self.limits.max_tokens}", field="sampling.max_tokens")
+        tightest = min(prompts, key=lambda m: self.contexts[m] - len(prompts[m]))
+        room, used, context = self.contexts[tightest] - len(prompts[tightest]), len(prompts[tightest]), self.contexts[tightest]
+        require(room >= 1, "prompt", f"{used} prompt tokens fill the context of model {tightest!r} ({context} positions): no room to generate")
+        max_tokens = message.max_tokens or min(self.limits.default_max_tokens, self.limits.max_tokens, room)
+        require(max_tokens <= room, "sampling.max_tokens", f"{used} prompt tokens + max_tokens {max_tokens} is over the context of model {tightest!r} ({context} positions; at most {room} new tokens fit)")
+        return max_tokens
+
+    def _check_stop(self, message: eft_pb2.Sampling) -> None:
         require(len(message.stop) <= self.limits.max_stop_strings, "sampling.stop", f"at most {self.limits.max_stop_strings} stop strings, got {len(message.stop)}")
         require(all(s for s in message.stop), "sampling.stop", "stop strings must not be empty")
-        eos = self.tokenizers[composition.base].eos_token_id
+
+    def _sampling(self, message: eft_pb2.Sampling, composition: Composition, max_tokens: int) -> SamplingParams:
         try:
             return SamplingParams(
                 temperature=float(message.temperature) if message.HasField("temperature") else 1.0,
@@ -162,7 +181,7 @@ class Gateway:
                 conservative_top_p=bool(message.conservative_top_p),
                 seed=int(message.seed) if message.HasField("seed") else None,
                 max_tokens=int(max_tokens),
-                stop_token_ids=(eos,) if eos is not None and not message.ignore_eos else (),
+                stop_token_ids=() if message.ignore_eos else stop_token_ids(self.tokenizers, composition),
             )
         except InvalidArgumentError as error:
             raise InvalidArgumentError(error.message, field=f"sampling.{error.field}") from None

@@ -5,6 +5,7 @@ coordinator and tests can use either; only the gRPC one crosses processes.
 """
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,11 @@ def info_or_none(client: "WorkerClient") -> WorkerInfo | None:
         return client.info()
     except EFTError:
         return None
+
+
+def model_contexts(clients: Iterable["WorkerClient"]) -> dict[str, int]:
+    """Each hosted model's context (the positions a session may hold), from the workers' Info."""
+    return {m.name: m.max_sequence_length for client in dict.fromkeys(clients) for m in client.info().models}
 
 
 class InProcessWorkerClient:

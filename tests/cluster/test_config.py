@@ -3,7 +3,7 @@ import yaml
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from cluster.config import ServeConfig, check_tokenizers, demo_config, load_config
+from cluster.config import ServeConfig, demo_config, load_config, load_tokenizers
 
 
 def demo_dict(family) -> dict:
@@ -49,18 +49,51 @@ def test_mismatched_tokenizers_are_refused_naming_both_models(quick_family, tmp_
     tokenizer.save_pretrained(odd)
     data = demo_dict(quick_family)
     data["models"]["small-tuned"]["path"] = str(odd)
-    with pytest.raises(ValueError, match="'small-tuned' and 'large-base' have different tokenizers"):
-        check_tokenizers(ServeConfig.model_validate(data))
-    check_tokenizers(demo_config(quick_family.path))  # the real family passes
+    with pytest.raises(ValueError, match=r"compositions\['upscaled'\]: 'small-tuned' and 'large-base' have different tokenizers"):
+        load_tokenizers(ServeConfig.model_validate(data))
+    load_tokenizers(demo_config(quick_family.path))  # the real family passes
+
+
+def test_compositions_of_different_tokenizer_families_are_served_together(quick_family, bpe_family):
+    data = demo_dict(quick_family)
+    data["models"] |= {f"bpe-{n}": {"path": str(bpe_family.model_path(n))} for n in ("large-base", "small-base", "small-tuned")}
+    data["worker_groups"].append({"name": "bpe", "models": ["bpe-large-base", "bpe-small-base", "bpe-small-tuned"]})
+    data["compositions"].append({"name": "bpe-upscaled", "base": "bpe-large-base", "deltas": [{"name": "chat", "tuned": "bpe-small-tuned", "reference": "bpe-small-base"}]})
+    tokenizers = load_tokenizers(ServeConfig.model_validate(data))  # was refused at start: one tokenizer for the deployment
+    assert len(tokenizers["bpe-large-base"]) != len(tokenizers["large-base"])
+    data["compositions"][-1]["deltas"][0]["reference"] = "small-base"  # mixing the families inside one composition
+    with pytest.raises(ValueError, match=r"compositions\['bpe-upscaled'\]: 'small-base' and 'bpe-large-base' have different tokenizers"):
+        load_tokenizers(ServeConfig.model_validate(data))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}",  # transformers' own extension
+        "{% for m in messages %}{{ m['content'] }}{% if loop.index == 1 %}{% break %}{% endif %}{% endfor %}",  # loop controls
+    ],
+)
+def test_chat_templates_that_apply_chat_template_renders_are_accepted(quick_family, template):
+    data = demo_dict(quick_family)
+    data["models"]["small-tuned"]["chat_template"] = template
+    assert "hello" in load_tokenizers(ServeConfig.model_validate(data))["small-tuned"].apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
+
+
+def test_a_chat_template_that_does_not_render_fails_at_load_naming_it(quick_family):
+    data = demo_dict(quick_family)
+    data["models"]["small-tuned"]["chat_template"] = "{{ raise_exception('system messages only') }}"
+    with pytest.raises(ValueError, match=r"models.small-tuned.chat_template: the chat template does not render a one-message chat: .*system messages only"):
+        load_tokenizers(ServeConfig.model_validate(data))
 
 
 def test_a_chat_template_in_the_config_overrides_the_model_folders(quick_family):
-    from cluster.replicas import _tokenizer
     from services.prompts import render_prompt
 
-    config = demo_config(quick_family.path).models["small-tuned"]
     messages = [{"role": "user", "content": "what is the color of zeme ?"}]
     plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    folder, overridden = _tokenizer(config), _tokenizer(config.model_copy(update={"chat_template": plain}))
+    data = demo_dict(quick_family)
+    folder = load_tokenizers(ServeConfig.model_validate(data))["small-tuned"]
+    data["models"]["small-tuned"]["chat_template"] = plain
+    overridden = load_tokenizers(ServeConfig.model_validate(data))["small-tuned"]
     assert render_prompt(overridden, messages) == overridden(messages[0]["content"], add_special_tokens=False)["input_ids"]
     assert render_prompt(folder, messages) != render_prompt(overridden, messages)

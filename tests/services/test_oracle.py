@@ -4,15 +4,15 @@ import torch
 from eft_core import Composition, Delta, NotFoundError, SamplingParams
 from services.family.compositions import family_compositions
 from services.family.evaluate import open_engine
-from services.oracle import CachedLogitsSource
+from services.oracle import CachedLogitsSource, OracleEngine
 
 
 @pytest.fixture(scope="module")
 def engine(quick_family):
-    engine = open_engine(quick_family)
+    family = open_engine(quick_family)
     # base = reference with weight 1: must be exactly the tuned model
-    engine.compositions["identity"] = Composition("identity", "small-base", (Delta("chat", "small-tuned", "small-base"),))
-    return engine
+    identity = Composition("identity", "small-base", (Delta("chat", "small-tuned", "small-base"),))
+    return OracleEngine(family.models, {**family.compositions, "identity": identity})
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_seeded_sampling_is_reproducible(engine, questions):
 
 def test_generation_stops_at_eos_and_text_drops_special_tokens(engine, questions):
     result = engine.generate("small-tuned", questions[0], SamplingParams(temperature=0, max_tokens=40))
-    eos = engine.tokenizer.eos_token_id
+    eos = engine.tokenizers["small-tuned"].eos_token_id
     if result.generation.finish_reason == "stop":
         assert result.generation.tokens[-1] == eos and "<eos>" not in result.text
     else:

@@ -2,7 +2,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from eft_core import InvalidArgumentError
-from services.prompts import check_shared_tokenizer, render_prompt, tokenizer_fingerprint
+from eft_core import Composition, Delta
+from services.prompts import composition_vocab_sizes, render_prompt, stop_token_ids, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,34 @@ def test_bad_prompts_name_the_field(tokenizers, prompt, field):
     assert error.value.field == field
 
 
-def test_shared_tokenizer_check(tokenizers, quick_family):
-    assert check_shared_tokenizer(tokenizers) == quick_family.manifest["vocab_size"]
+def test_shared_tokenizer_check_is_per_composition(tokenizers, quick_family):
+    upscaled = Composition("upscaled", "large-base", (Delta("chat", "small-tuned", "large-base"),))
+    assert composition_vocab_sizes([upscaled], tokenizers) == {"upscaled": quick_family.manifest["vocab_size"]}
     other = AutoTokenizer.from_pretrained(quick_family.model_path("small-base"))
     other.add_tokens(["zzz-new-word"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizers["large-base"])
-    with pytest.raises(InvalidArgumentError, match="must share one tokenizer") as error:
-        check_shared_tokenizer({**tokenizers, "odd": other})
-    assert error.value.field == "models['odd'].tokenizer"
+    alone = Composition("odd", "odd")
+    assert composition_vocab_sizes([upscaled, alone], {**tokenizers, "odd": other}) == {"upscaled": len(tokenizers["large-base"]), "odd": len(other)}
+    mixed = Composition("mixed", "large-base", (Delta("chat", "odd", "large-base"),))
+    with pytest.raises(InvalidArgumentError, match="must share one") as error:
+        composition_vocab_sizes([mixed], {**tokenizers, "odd": other})
+    assert error.value.field == "compositions['mixed']"
+
+
+def test_a_model_without_a_chat_template_sees_a_chat_as_plain_text(bpe_family):
+    base, tuned = (AutoTokenizer.from_pretrained(bpe_family.model_path(n)) for n in ("large-base", "small-tuned"))
+    assert base.chat_template is None and base.bos_token_id is None  # as a Qwen base checkpoint
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "東京 ?"}]
+    assert render_prompt(base, messages) == base("be brief\n\n東京 ?", add_special_tokens=False)["input_ids"]
+    assert tuned.decode(render_prompt(tuned, messages)) == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n東京 ?<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(InvalidArgumentError) as error:
+        render_prompt(base, [{"role": "user", "content": ""}])
+    assert error.value.field == "messages"
+
+
+def test_a_composition_stops_at_any_of_its_models_end_tokens(bpe_family):
+    tokenizers = {n: AutoTokenizer.from_pretrained(bpe_family.model_path(n)) for n in ("large-base", "small-base", "small-tuned")}
+    upscaled = Composition("upscaled", "large-base", (Delta("chat", "small-tuned", "small-base"),))
+    ends = tokenizers["small-tuned"].convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert stop_token_ids(tokenizers, upscaled) == tuple(ends)  # the base ends documents, the chat model its turns
+    assert stop_token_ids(tokenizers, Composition("large-base", "large-base")) == (ends[0],)

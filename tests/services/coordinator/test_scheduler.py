@@ -14,7 +14,7 @@ from tests.services.coordinator.helpers import make_request, questions
 @pytest.fixture
 def scheduler(workers, oracle):
     placement, _ = workers
-    scheduler = Scheduler(Engine(placement, oracle.vocab_size), max_running=8, max_waiting=16)
+    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes), max_running=8, max_waiting=16)
     yield scheduler
     scheduler.close()
 

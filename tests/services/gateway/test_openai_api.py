@@ -15,6 +15,7 @@ from eft_core import SamplingParams
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
+from services.worker.client import model_contexts
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server
@@ -30,8 +31,8 @@ MAX_REQUEST_BYTES = 64 << 10
 def server(quick_family, oracle, tokenizers):
     placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
     metrics = ServingMetrics()
-    scheduler = Scheduler(Engine(placement, oracle.vocab_size, metrics=metrics), max_running=8, max_waiting=2)
-    gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40, max_request_bytes=MAX_REQUEST_BYTES), metrics)
+    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes, metrics=metrics), max_running=8, max_waiting=2)
+    gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=40, max_request_bytes=MAX_REQUEST_BYTES), metrics)
     metrics.add_state(scheduler_state(scheduler))
     metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}))
     http, port = start_http_server(create_app(gateway), "127.0.0.1", 0)

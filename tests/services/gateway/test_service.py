@@ -14,6 +14,7 @@ from eft_core import SamplingParams
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
+from services.worker.client import model_contexts
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.server import SERVICE_NAME, create_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
@@ -25,8 +26,8 @@ OFF, FIXED, ADAPTIVE = eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FI
 @pytest.fixture(scope="module")
 def service(quick_family, oracle, tokenizers):
     placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
-    scheduler = Scheduler(Engine(placement, oracle.vocab_size), max_running=16, max_waiting=32)
-    gateway = Gateway(family_compositions(), tokenizers, scheduler, "upscaled", Limits(max_tokens=40))
+    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes), max_running=16, max_waiting=32)
+    gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=40))
     server, port = create_server(gateway, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield eft_pb2_grpc.EFTServiceStub(channel), channel, worker_objects, scheduler
@@ -204,3 +205,31 @@ def _wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_a_request_must_fit_every_models_context_and_an_unset_max_tokens_takes_what_fits(service, tokenizers):
+    stub, _, worker_objects, _ = service
+    context = worker_objects[0].models["large-base"].max_sequence_length  # 512: the family's context, from the worker
+    prompt = " ".join(["the capital of"] * ((context - 20) // 3))  # plain text: every model sees the same tokens
+    used = len(tokenizers["large-base"](prompt, add_special_tokens=False)["input_ids"]) + 1  # and <bos>
+    room = context - used
+    too_long = eft_pb2.GenerateRequest(text=prompt, sampling=eft_pb2.Sampling(temperature=0, max_tokens=room + 1))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(too_long, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"sampling.max_tokens: {used} prompt tokens + max_tokens {room + 1} is over the context of model 'large-base' ({context} positions; at most {room} new tokens fit)" in error.value.details()
+    # beside short requests that speculate, the longest one runs up to the last position
+    fits = eft_pb2.GenerateRequest(text=prompt, sampling=eft_pb2.Sampling(temperature=0, ignore_eos=True), speculation=eft_pb2.Speculation(mode=FIXED, k=4))
+    replies = {}
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, stub.Generate(fits if i == 0 else ask([{"role": "user", "content": "what is the capital of"}], mode=FIXED, k=4), timeout=60))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert replies[0].usage.completion_tokens == room and replies[0].finish_reason == eft_pb2.FINISH_REASON_LENGTH
+    assert all(replies[i].usage.completion_tokens >= 1 for i in (1, 2, 3))
+    whole = eft_pb2.GenerateRequest(text=" ".join(["the capital of"] * (context // 3 + 1)), sampling=eft_pb2.Sampling(max_tokens=1))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(whole, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fill the context of model" in error.value.details() and "prompt" in error.value.details()
+    assert sessions_held(worker_objects) == 0
