@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eft_core import Composition, Generation, NotFoundError, SamplingParams, generate
-from services.hf_compat import cache_kwargs
+from services.hf_compat import cache_kwargs, full_cache
 from services.prompts import Prompt, composition_vocab_sizes, render_prompt, stop_token_ids
 
 
@@ -35,7 +35,7 @@ class CachedLogitsSource:
 
     def __init__(self, model: torch.nn.Module, prompt_ids: Sequence[int]):
         self.model, self.prompt = model, list(prompt_ids)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = full_cache()
         self.cached: list[int] = []  # token ids whose keys and values the cache holds
         self.forward_calls = 0
 

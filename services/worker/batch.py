@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
-from services.hf_compat import cache_kwargs
+from services.hf_compat import cache_kwargs, full_cache
 
 
 @dataclass
@@ -40,10 +39,13 @@ class PaddedBatch:
 
     def __init__(self, model: torch.nn.Module, pasts: list[SessionKV | None]):
         self.model = model
-        device = model.device
+        self._stack(pasts)
+
+    def _stack(self, pasts: list[SessionKV | None]) -> None:
+        device = self.model.device
         self.lengths = [kv.length if kv else 0 for kv in pasts]  # real tokens per row
         longest = max(self.lengths)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = full_cache()
         self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in self.lengths], dtype=torch.long, device=device)
         if longest:
             like = next(kv for kv in pasts if kv and kv.length)  # shapes for the new sessions' padding
@@ -65,6 +67,12 @@ class PaddedBatch:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache))
         self.lengths = [n + len(t) for n, t in zip(self.lengths, tokens)]
         return out.logits
+
+    def compact(self) -> None:
+        """Stack the rows again without the padding columns a ragged step left between their
+        real ones. Padding inside a row is masked and harmless, except to a sliding window:
+        transformers measures the window in cache columns, not positions."""
+        self._stack([self.session_kv(row) for row in range(len(self.lengths))])
 
     def session_kv(self, row: int) -> SessionKV:
         """The row's real keys and values, without padding columns."""

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eft_core import NotFoundError, ResourceExhaustedError, SamplingBatch, UnavailableError
 from eft_core.errors import require
 from eft_core.sampling import sample_from_probs, sampling_probs, seeded_generator
 from services.prompts import tokenizer_fingerprint
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
+from services.worker.architectures import check_supported
 from services.worker.batch import PaddedBatch
 from services.worker.sessions import Session, SessionStore
 
@@ -38,12 +39,19 @@ class HostedModel:
     def max_sequence_length(self) -> int:
         return self.model.config.max_position_embeddings
 
+    @property
+    def sliding_window(self) -> int | None:
+        """Set when some layer attends to a window of recent tokens only."""
+        return getattr(self.model.config, "sliding_window", None)
+
 
 def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> HostedModel:
-    """``from_pretrained`` on a local folder or a hub id; an unreachable hub says so."""
+    """``from_pretrained`` on a local folder or a hub id; an unreachable hub says so, and an
+    architecture the worker cannot step exactly is refused before its weights load."""
     started = time.perf_counter()
     log.info("loading model %r from %s (%s, %s)", name, source, dtype, device)
     try:
+        check_supported(name, AutoConfig.from_pretrained(str(source)).model_type)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype).to(device).eval()
     except OSError as error:
@@ -208,6 +216,8 @@ class ModelWorker:
         sampling = SamplingBatch.from_params([item.sampling for item in items], generators)
         logits = batch.step([item.token_ids for item in items])
         step_logits = logits[torch.arange(len(items)), torch.tensor([len(item.token_ids) - 1 for item in items])]
+        if self.models[model].sliding_window and len({len(item.token_ids) for item in items}) > 1:
+            batch.compact()  # the drafts below are fed one per row per step: no padding between them again
         tokens, kept = [[] for _ in items], [[] for _ in items]
         for step in range(max(item.num_draft for item in items)):
             active = [row for row, item in enumerate(items) if step < item.num_draft]
