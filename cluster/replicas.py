@@ -87,7 +87,7 @@ class GatewayReplica:
         engine = Engine({model: [] for model in config.models}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics)
         self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
         await self.directory.start()
-        contexts = model_contexts(next(iter(clients.values())) for clients in self.directory.clients.values())
+        contexts = model_contexts(client for clients in self.directory.clients.values() for client in clients.values())
         limits = config.limits
         self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))

@@ -55,7 +55,9 @@ class Recipe:
     large: ModelShape = ModelShape(hidden=128, layers=4, heads=4, intermediate=512)
     large_vocab_multiple: int = 64  # large models pad their vocabulary, as real checkpoints do
     small_pretrain: Schedule = Schedule(epochs=40, lr=3e-3)
-    large_pretrain: Schedule = Schedule(epochs=40, lr=2e-3)
+    # lr 4e-3: at 2e-3, with transformers 5.24 and torch 2.13, the large base learned 62% of the
+    # facts (88% with the stack this recipe was first tuned on); 6e-3 diverged (15%)
+    large_pretrain: Schedule = Schedule(epochs=40, lr=4e-3)
     chat_tune: Schedule = field(default_factory=lambda: Schedule(epochs=8, lr=1e-3, warmup_steps=5))
     # Refusing is new behaviour in words pre-training never used: it takes more steps to learn
     # (at 8 epochs small-safe put 2% on "i"; at 60, 99% on the refused attribute, 0% elsewhere).

@@ -27,6 +27,16 @@ def test_default_family_folder_follows_eft_home(tmp_path):
     assert str(tmp_path / "demo-family") in eft("family", "build", "--help", env_home=tmp_path).stdout
 
 
+def test_the_bpe_preset_builds_a_byte_level_family_in_its_own_folder(tmp_path):
+    built = eft("family", "build", "--preset", "bpe", env_home=tmp_path)
+    assert built.returncode == 0, built.stderr
+    family = tmp_path / "bpe-family"
+    manifest = json.loads((family / "family.json").read_text())
+    assert manifest["recipe"]["tokenizer"] == "byte-level-bpe" and not (tmp_path / "demo-family").exists()
+    tokenizer = json.loads((family / "small-tuned" / "tokenizer.json").read_text())
+    assert tokenizer["pre_tokenizer"]["type"] == "ByteLevel" and tokenizer["decoder"]["type"] == "ByteLevel"
+
+
 def test_build_then_eval_writes_json_and_plot(tmp_path):
     family = tmp_path / "family"
     built = eft("family", "build", "--preset", "quick", "--out", str(family))

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
-from services.worker.client import model_contexts
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.server import create_server
 from services.pb.eft.v1 import eft_pb2
+from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import start_workers
 
 CLIENT_STATUSES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}

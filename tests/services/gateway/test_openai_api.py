@@ -15,12 +15,12 @@ from eft_core import SamplingParams
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
-from services.worker.client import model_contexts
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import questions, start_workers
 from tests.services.gateway.test_service import sessions_held
 

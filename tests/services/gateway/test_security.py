@@ -12,12 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
-from services.worker.client import model_contexts
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from services.security import Security
+from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import start_workers
 
 TOKEN = "s3cret-token"

@@ -14,10 +14,10 @@ from eft_core import SamplingParams
 from services.coordinator.engine import Engine
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
-from services.worker.client import model_contexts
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.server import SERVICE_NAME, create_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import questions, start_workers
 
 OFF, FIXED, ADAPTIVE = eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED, eft_pb2.SPECULATION_MODE_ADAPTIVE
