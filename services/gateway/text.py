@@ -9,7 +9,7 @@ Terms, used in every name below:
   that ends in U+FFFD ends in half a character (byte-level BPE splits characters over
   tokens), so nothing is committed until a later token completes it.
 - **pending** text: the complete characters of an uncommitted window (its trailing U+FFFD
-  stripped). Stop strings are looked for in committed + pending text, so a token that
+  stripped). Stop strings are looked for in unsent committed + pending text, so a token that
   completes a stop ends the text even when it also starts a half character.
 - **held** text: committed but not sent, because it could be the start of a stop string
   (its longest suffix that is a prefix of one); sent once it cannot be, or at the end.
@@ -32,8 +32,7 @@ class TextStream:
         self.tokens: list[int] = []  # the kept tokens
         self.prefix = self.read = 0  # token offsets (module docstring)
         self.prefix_text = ""  # decode(tokens[prefix:read])
-        self.committed = ""
-        self.sent = 0  # characters of committed text already returned
+        self.held = ""  # committed text not returned yet (only this is kept: sent text is gone)
         self.stopped = False  # a stop string ended the text
 
     def add(self, tokens: Sequence[int]) -> tuple[str, int]:
@@ -61,32 +60,30 @@ class TextStream:
         new = window[len(self.prefix_text) :] if len(window) > len(self.prefix_text) else ""
         if not new or (new.endswith(REPLACEMENT) and not final):
             return new.rstrip(REPLACEMENT)
-        self.committed += new
+        self.held += new
         self.prefix, self.read = self.read, len(self.tokens)
         self.prefix_text = self._text_of(self.tokens[self.prefix : self.read])
         return ""
 
     def _cut_at_stop(self, pending: str) -> None:
-        """End the text before the first stop string in committed + pending text. No stop
-        can start in text already sent: text that could start one is held."""
+        """End the text before the first stop string in held + pending text. No stop can
+        start in text already sent: text that could start one is held."""
         if not self.stop:
             return
-        visible = self.committed + pending
-        found = [i for i in (visible.find(s, self.sent) for s in self.stop) if i >= 0]
+        visible = self.held + pending
+        found = [i for i in (visible.find(s) for s in self.stop) if i >= 0]
         if found:
-            self.committed, self.stopped = visible[: min(found)], True
+            self.held, self.stopped = visible[: min(found)], True
 
     def _release(self, everything: bool = False) -> str:
-        end = len(self.committed) if everything or self.stopped else len(self.committed) - self._held_length()
-        text = self.committed[self.sent : end]
-        self.sent = max(self.sent, end)
+        end = len(self.held) - (0 if everything or self.stopped else self._stop_prefix_length())
+        text, self.held = self.held[:end], self.held[end:]
         return text
 
-    def _held_length(self) -> int:
-        """Length of the longest unsent suffix that is a proper prefix of a stop string."""
-        unsent = self.committed[self.sent :]
-        for n in range(min(len(unsent), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            tail = unsent[-n:]
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest suffix of held text that is a proper prefix of a stop string."""
+        for n in range(min(len(self.held), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            tail = self.held[-n:]
             if any(s.startswith(tail) for s in self.stop):
                 return n
         return 0

@@ -16,6 +16,7 @@ from services.worker.architectures import SUPPORTED_MODEL_TYPES
 from services.worker.client import InProcessWorkerClient
 from services.worker.worker import ModelWorker, load_hosted_model
 from tests.services.coordinator.helpers import run
+from tests.services.worker.test_worker import full_logits, sequences
 
 WINDOW = 4  # sliding-window models: sessions below run well past it
 PADDED_VOCAB = 640  # the tokenizer has 600: real checkpoints pad their embeddings
@@ -73,19 +74,9 @@ def hosted(architecture):
     return hosted
 
 
-def sequences(vocab: int, lengths=(5, 11, 2, 8, 17), seed=0) -> dict[str, list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return {f"s{i}": torch.randint(0, vocab, (n,), generator=generator).tolist() for i, n in enumerate(lengths)}
-
-
-def full_logits(hosted, tokens: list[int]) -> torch.Tensor:  # [len, tokenizer_size]
-    with torch.no_grad():
-        return hosted.model(input_ids=torch.tensor([tokens])).logits[0, :, : hosted.tokenizer_size]
-
-
 def test_ragged_batched_extend_equals_each_sessions_full_forward(hosted):
     worker = ModelWorker([hosted])
-    seqs = sequences(hosted.tokenizer_size)
+    seqs = sequences(hosted.tokenizer_size, lengths=(5, 11, 2, 8, 17))
     assert max(map(len, seqs.values())) > 3 * WINDOW
     got = {name: [] for name in seqs}
     for start, stop in [(0, 3), (3, 4), (4, 9), (9, 10), (10, 17)]:  # prefill, single steps, ragged chunks
