@@ -17,7 +17,7 @@ import uuid
 import torch
 
 from services.family.build import build_family, default_family_dir, load_family
-from services.worker.api import ExtendItem
+from services.worker.api import ExtendItem, WorkerLimits
 from services.worker.client import GrpcWorkerClient
 from services.worker.server import create_server
 from services.worker.worker import ModelWorker, load_hosted_model
@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     family = build_family(args.family) if args.family == str(default_family_dir()) else load_family(args.family)
-    worker = ModelWorker([load_hosted_model(args.model, family.model_path(args.model))], max_sessions=64)
+    worker = ModelWorker([load_hosted_model(args.model, family.model_path(args.model))], WorkerLimits(max_sessions=64))
     server, port = create_server(worker, "127.0.0.1:0")
     client = GrpcWorkerClient(f"127.0.0.1:{port}")
     decode_rate(client, args.model, 4, 5)  # warm-up

@@ -14,6 +14,10 @@ from cluster.config import ServeConfig
 from cluster.replicas import GatewayReplica, WorkerReplica
 
 APP_NAME = "eft"
+# Ray Serve replaces a replica after 3 failed checks in a row: a frozen worker process (it
+# cannot answer at all) goes within about 3 x (5 + 10) s, a hung call within a check of its
+# stall_timeout_s. The coordinator ejects either from placement at its first missed deadline.
+WORKER_HEALTH_CHECK_PERIOD_S, WORKER_HEALTH_CHECK_TIMEOUT_S = 5.0, 10.0
 
 
 def build_app(config: ServeConfig | dict) -> Application:
@@ -25,6 +29,8 @@ def build_app(config: ServeConfig | dict) -> Application:
             name=f"worker-{group.name}",
             num_replicas=group.replicas,
             ray_actor_options={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
+            health_check_period_s=WORKER_HEALTH_CHECK_PERIOD_S,
+            health_check_timeout_s=WORKER_HEALTH_CHECK_TIMEOUT_S,
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})
     gateway_options = {"num_cpus": config.gateway_num_cpus, "resources": dict(config.gateway_resources)}

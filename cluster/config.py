@@ -11,8 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eft_core import Composition, Delta, EFTError
+from services.coordinator.health import CallPolicy
 from services.family.compositions import family_compositions
 from services.family.recipe import default_family_dir
+from services.worker.api import WorkerLimits
 
 
 class _Strict(BaseModel):
@@ -51,9 +53,14 @@ class WorkerGroupConfig(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine; tp for a tensor-parallel group)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: Ray's OMP_NUM_THREADS, from num_cpus); more threads than cores slow every worker on the node")
     tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")
-    max_sessions: int = Field(256, ge=1, description="(session, model) caches held at once")
-    max_cached_tokens: int = Field(1 << 20, ge=1, description="tokens held over all caches")
+    max_sessions: int = Field(WorkerLimits.max_sessions, ge=1, description="(session, model) caches held at once")
+    max_cached_tokens: int = Field(WorkerLimits.max_cached_tokens, ge=1, description="tokens held over all caches")
+    max_forward_tokens: int = Field(WorkerLimits.max_forward_tokens, ge=1, description="positions one forward computes (rows x widest new tokens, padding included); a longer prefill is fed in chunks, bounding a call's activation memory")
     session_idle_timeout_s: float = Field(120.0, gt=0, description="free sessions no call has used this long (a coordinator that restarted never releases its requests' caches); running requests use theirs every step")
+    stall_timeout_s: float = Field(60.0, gt=0, description="a replica whose running call has held it this long fails Ray Serve's health check, which replaces it (a hung GPU or collective)")
+
+    def limits(self) -> WorkerLimits:
+        return WorkerLimits(self.max_sessions, self.max_cached_tokens, self.max_forward_tokens)
 
 
 class DeltaConfig(_Strict):
@@ -103,8 +110,15 @@ class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="address the public ports bind (0.0.0.0 in a pod)")
     tls: TLSConfig | None = Field(None, description="TLS on the public gRPC and HTTP ports (the metrics port stays plaintext)")
     auth_token_file: str | None = Field(None, description="file holding the bearer token every public gRPC/HTTP call must carry (health and metrics excepted)")
+    worker_call_timeout_s: float = Field(
+        CallPolicy.timeout_s, gt=0, description="deadline of a coordinator-to-worker call (plus the prefill allowance); a replica that misses it fails its requests with UNAVAILABLE and leaves placement until it answers probes"
+    )
+    worker_prefill_tokens_per_s: float = Field(CallPolicy.prefill_tokens_per_s, gt=0, description="the slowest prefill a healthy worker keeps up: a call sending N tokens gets worker_call_timeout_s + N / this")
     gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for the gateway/coordinator replica")
     gateway_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the gateway replica needs (the Helm chart pins it to the head pod, whose Services expose the public ports)")
+
+    def call_policy(self) -> CallPolicy:
+        return CallPolicy(self.worker_call_timeout_s, self.worker_prefill_tokens_per_s)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ServeConfig":

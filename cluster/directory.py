@@ -1,8 +1,9 @@
 """Where the worker replicas are: the gateway asks every running replica of each worker
 group for its gRPC address (a Ray Serve broadcast) when it starts and then every few
 seconds. New replicas (scale-up, or Ray Serve replacing a dead one) join the engine's
-placement; replicas that stopped answering leave it, and the requests placed on them fail
-with UNAVAILABLE at their next call.
+placement; replicas Ray Serve no longer runs leave it. A replica that does not answer the
+broadcast (frozen, or dying) keeps its place in the list meanwhile: the engine's outlier
+ejection keeps it out of placement, and the others' answers still count.
 """
 
 import asyncio
@@ -45,16 +46,21 @@ class WorkerDirectory:
                 self._update(group, addresses)
 
     async def _running_addresses(self, group: str, handle) -> set[str] | None:
-        """The addresses the group's running replicas report; None when Ray Serve could not say."""
+        """The addresses the group's running replicas report, plus the known ones while some
+        replica is silent; None when Ray Serve could not say."""
         from ray.serve.exceptions import DeploymentUnavailableError
 
         try:
-            return set(await asyncio.wait_for(handle.broadcast("address").results_async(), ASK_TIMEOUT_S))
+            answers, silent = await _answers_within(handle.broadcast("address"), ASK_TIMEOUT_S)
         except DeploymentUnavailableError:
             return set()  # no replica running: requests for this group get UNAVAILABLE until one is
-        except Exception as error:  # a replica died mid-broadcast, or a slow one: ask again next round
+        except Exception as error:  # Ray Serve itself did not answer: ask again next round
             log.warning("could not list the replicas of worker group %r: %r", group, error)
             return None
+        if silent:
+            log.warning("worker group %r: %d replica(s) did not say their address within %.0f s", group, silent, ASK_TIMEOUT_S)
+            return set(answers) | set(self.clients[group])
+        return set(answers)
 
     def _update(self, group: str, addresses: set[str]) -> None:
         current = self.clients[group]
@@ -71,3 +77,23 @@ class WorkerDirectory:
                 await self.refresh()
             except Exception:  # never let the refresher die silently
                 log.exception("refreshing the worker directory failed")
+
+
+async def _answers_within(response, timeout: float) -> tuple[list, int]:
+    """The answers of the replicas that answered a broadcast within ``timeout``, and how many
+    did not. ``results_async`` fails the whole broadcast when one replica is slow, so a frozen
+    replica would hide the others, and its own replacement, until Ray Serve stops it; this
+    waits on each replica's result (DeploymentBroadcastResponse's per-replica results, Ray
+    2.60), or on all of them at once where that is not available."""
+    fetch = getattr(response, "_fetch_replica_results_async", None)
+    if fetch is None:
+        return await response.results_async(timeout_s=timeout), 0
+    replica_results = await asyncio.wait_for(fetch(), timeout)
+    calls = [asyncio.ensure_future(result.get_async()) for result in replica_results]
+    if not calls:
+        return [], 0
+    done, pending = await asyncio.wait(calls, timeout=timeout)
+    for call in pending:
+        call.cancel()
+    answers = [call.result() for call in done if call.exception() is None]
+    return answers, len(calls) - len(answers)

@@ -48,11 +48,12 @@ class WorkerReplica:
         self.followers = []
         if group.tp > 1:  # this replica is rank 0; ranks 1.. are its child processes
             (name, model), = configs.items()
-            self.worker, self.followers = start_tensor_parallel_worker(name, model.path, group.tp, model.dtype, model.device, group.max_sessions, group.max_cached_tokens)
+            self.worker, self.followers = start_tensor_parallel_worker(name, model.path, group.tp, model.dtype, model.device, group.limits())
         else:
             hosted = [load_hosted_model(name, m.path, DTYPE_NAMES[m.dtype], _replica_device(m.device)) for name, m in configs.items()]
-            self.worker = ModelWorker(hosted, group.max_sessions, group.max_cached_tokens)
+            self.worker = ModelWorker(hosted, group.limits())
         start_idle_reaper(self.worker, group.session_idle_timeout_s)  # a daemon thread: it ends with the replica's process
+        self.stall_timeout_s = group.stall_timeout_s
         host = node_address()
         self.server, port = create_worker_server(self.worker, f"{host}:0")
         self.address_ = f"{host}:{port}"
@@ -61,12 +62,23 @@ class WorkerReplica:
     def address(self) -> str:
         return self.address_
 
+    def check_health(self) -> None:
+        """Ray Serve replaces a replica whose running call has held it over the stall timeout
+        (a hung GPU or collective): answered from the worker's own state, not by a call."""
+        stalled = self.worker.stalled_for()
+        if stalled > self.stall_timeout_s:
+            raise RuntimeError(f"a model call has run for {stalled:.0f} s (stall_timeout_s {self.stall_timeout_s:.0f})")
+
     def sessions(self) -> int:
         return self.worker.info().sessions
 
     def pids(self) -> list[int]:
         """This replica's processes: its own, then its tensor-parallel followers'."""
         return [os.getpid()] + [follower.pid for follower in self.followers]
+
+    def identity(self) -> dict:
+        """Which processes serve which address (operators, and tests that stop one)."""
+        return {"address": self.address_, "pids": self.pids()}
 
     def __del__(self):
         if self.followers:
@@ -84,7 +96,7 @@ class GatewayReplica:
         tokenizers = load_tokenizers(config)  # the check `eft serve` made: the same rule
         compositions = {c.name: c.composition() for c in config.compositions}
         metrics = ServingMetrics()
-        engine = Engine({model: [] for model in config.models}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics)
+        engine = Engine({model: [] for model in config.models}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics, calls=config.call_policy())
         self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
         await self.directory.start()
         contexts = model_contexts(client for clients in self.directory.clients.values() for client in clients.values())
@@ -93,7 +105,7 @@ class GatewayReplica:
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
         gateway = Gateway(compositions, tokenizers, contexts, self.scheduler, config.default_composition, gateway_limits, metrics)
         metrics.add_state(scheduler_state(self.scheduler))
-        metrics.add_state(worker_state(self.directory.labelled_clients))
+        metrics.add_state(worker_state(self.directory.labelled_clients, engine.health.is_ejected))
         tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
         security = Security.from_files(*(tls or (None, None)), config.auth_token_file)
         self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security)
@@ -109,7 +121,7 @@ class GatewayReplica:
 
     def worker_sessions(self) -> dict[str, list[int]]:
         """Sessions held now by each reachable replica of each worker group (tests and checks)."""
-        return {group: [info.sessions for info in map(info_or_none, clients.values()) if info is not None] for group, clients in self.directory.clients.items()}
+        return {group: [info.sessions for client in clients.values() if (info := info_or_none(client, 5.0)) is not None] for group, clients in self.directory.clients.items()}
 
     def worker_addresses(self) -> dict[str, list[str]]:
         return self.directory.addresses()
@@ -119,5 +131,7 @@ class GatewayReplica:
         return [os.getpid()]
 
     def check_health(self) -> None:
+        """Ray Serve restarts this replica when its scheduler loop died; workers out of
+        placement are not its fault (health reports them per composition)."""
         if not self.scheduler.thread.is_alive():
             raise RuntimeError("the scheduler loop has stopped")

@@ -7,7 +7,7 @@ transformers or pydantic (DESIGN.md section 4).
 
 from eft_core.combine import eft_logprobs, implicit_rewards, model_coefficients, real_vocab_logits
 from eft_core.composition import Composition, Delta
-from eft_core.errors import DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from eft_core.errors import DeadlineExceededError, EFTError, InternalError, InvalidArgumentError, NotFoundError, OverloadedError, ResourceExhaustedError, UnavailableError
 from eft_core.reference import Generation, LogitsSource, generate
 from eft_core.sampling import SamplingBatch, SamplingParams, sample, sample_from_probs, sampling_probs
 from eft_core.speculative import AcceptedDrafts, accept_drafts, accept_drafts_greedy
@@ -20,9 +20,11 @@ __all__ = [
     "Delta",
     "EFTError",
     "Generation",
+    "InternalError",
     "InvalidArgumentError",
     "LogitsSource",
     "NotFoundError",
+    "OverloadedError",
     "ResourceExhaustedError",
     "SamplingBatch",
     "SamplingParams",

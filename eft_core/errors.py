@@ -35,6 +35,11 @@ class ResourceExhaustedError(EFTError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class OverloadedError(ResourceExhaustedError):
+    """At capacity now (the queue, a worker's cache budget): the same request may succeed
+    later (HTTP 429), unlike one over a limit (HTTP 400)."""
+
+
 class UnavailableError(EFTError):
     """A part the request depends on (a worker replica) is gone; retrying later may work."""
 
@@ -45,6 +50,12 @@ class DeadlineExceededError(EFTError):
     """The request's deadline passed before it finished."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class InternalError(EFTError):
+    """The server's own fault (a part refused what another part sent): never the caller's."""
+
+    code = "INTERNAL"
 
 
 def require(condition: bool, field: str, message: str) -> None:

@@ -14,6 +14,7 @@ Every row has its own parameters; rows with a seed draw from their own ``torch.G
 other requests share its batch.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -96,6 +97,15 @@ def seeded_generator(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of a request's random stream named ``stream``, derived from the request's
+    seed (a hash, in [0, 2**63)): a speculating request's drafter samples from
+    ``stream_seed(seed, "draft")`` while its coordinator samples and accepts from ``seed``
+    itself, so the two never draw the same numbers and the same seed still gives the same output."""
+    digest = hashlib.blake2b(f"{seed}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def sampling_probs(

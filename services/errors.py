@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from eft_core import DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from eft_core import DeadlineExceededError, EFTError, InternalError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,7 @@ STATUS_OF = {
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    InternalError: grpc.StatusCode.INTERNAL,
 }
 ERROR_OF = {status: error for error, status in STATUS_OF.items()}
 
@@ -39,6 +40,17 @@ def aborts_on_errors(method):
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed on the server; see its log")
 
     return wrapper
+
+
+def status_number(error: EFTError) -> int:
+    """The error's status as the integer a message field carries (a per-item error)."""
+    return status_of(error).value[0]
+
+
+def error_from_status(number: int, message: str) -> EFTError:
+    """The error a status number and message (a per-item error) stand for."""
+    status = next((s for s in grpc.StatusCode if s.value[0] == number), grpc.StatusCode.UNKNOWN)
+    return ERROR_OF.get(status, EFTError)(message)
 
 
 def error_from_rpc(error: grpc.RpcError) -> EFTError:

@@ -1,7 +1,9 @@
 """Starting a gRPC server the way every EFT Serve service does: message limits sized for
-logits, grpc.health.v1 reporting SERVING, and server reflection."""
+logits, grpc.health.v1, and server reflection."""
 
-from collections.abc import Callable, Sequence
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 
 import grpc
@@ -9,6 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # batch x positions x vocab x 4 bytes, with room
+HEALTH_REFRESH_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def start_grpc_server(
@@ -19,9 +24,12 @@ def start_grpc_server(
     threads: int = 32,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    health_of: Callable[[], Mapping[str, bool]] | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started server; returns it and the bound port (``address`` may ask for port 0).
-    ``credentials``: TLS (plaintext without); ``interceptors``: e.g. the bearer-token check."""
+    ``credentials``: TLS (plaintext without); ``interceptors``: e.g. the bearer-token check.
+    ``health_of``: serving or not per health service name, asked every HEALTH_REFRESH_S
+    while the server runs (without it, "" and ``service_name`` report SERVING)."""
     options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, interceptors=list(interceptors))
     add_servicers(server)
@@ -34,4 +42,20 @@ def start_grpc_server(
     server.start()
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if health_of is not None:
+        _report(health_servicer, health_of)
+        threading.Thread(target=_follow_health, args=(server, health_servicer, health_of), name="grpc-health", daemon=True).start()
     return server, port
+
+
+def _follow_health(server: grpc.Server, servicer: health.HealthServicer, health_of) -> None:
+    while server.wait_for_termination(timeout=HEALTH_REFRESH_S):  # True: it timed out, the server still runs
+        try:
+            _report(servicer, health_of)
+        except Exception:  # a health report must never kill its thread
+            log.exception("health report failed")
+
+
+def _report(servicer: health.HealthServicer, health_of) -> None:
+    for name, serving in health_of().items():
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)

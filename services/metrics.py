@@ -135,18 +135,24 @@ def scheduler_state(scheduler) -> Callable[[], list[GaugeMetricFamily]]:
     return read
 
 
-def worker_state(workers: Callable[[], dict[str, object]]) -> Callable[[], list[GaugeMetricFamily]]:
+def worker_state(workers: Callable[[], dict[str, object]], ejected: Callable[[object], str | None]) -> Callable[[], list[GaugeMetricFamily]]:
     """KV sessions and cached tokens of each worker replica (``workers``: label -> client),
-    asked at scrape time."""
+    asked at scrape time with a short deadline (a stalled replica is left out, not waited
+    on), and whether each is in placement (``ejected``: why a client is out, or None)."""
 
     def read():
-        infos = {label: info for label, client in workers().items() if (info := info_or_none(client)) is not None}
+        clients = workers()
+        infos = {label: info for label, client in clients.items() if (info := info_or_none(client, SCRAPE_INFO_TIMEOUT_S)) is not None}
         return [
             gauge("eft_worker_kv_sessions", "(session, model) caches a worker holds", ["worker"], [([w], i.sessions) for w, i in infos.items()]),
             gauge("eft_worker_kv_cached_tokens", "Tokens held over all caches of a worker", ["worker"], [([w], i.cached_tokens) for w, i in infos.items()]),
+            gauge("eft_worker_in_placement", "1 while a worker replica takes new requests, 0 while it is ejected (failed or stalled calls)", ["worker"], [([w], float(ejected(c) is None)) for w, c in clients.items()]),
         ]
 
     return read
+
+
+SCRAPE_INFO_TIMEOUT_S = 1.0
 
 
 class RequestClock:

@@ -11,7 +11,14 @@ Per iteration:
    do not speculate (one batch per composition) or, per speculating request, accepts a
    prefix of its drafts plus a recovered or bonus token;
 4. **roll back**: caches that hold rejected drafts are truncated by the cache's next call
-   (``truncate_to``, no call of its own); finished requests release every session they held.
+   (``truncate_to``, no call of its own); finished requests release every session they held,
+   off the loop (``release`` never waits on a worker).
+
+Faults: every call has a deadline (``CallPolicy``). A call that fails or times out fails the
+requests in it with UNAVAILABLE and ejects its replica from placement
+(services/coordinator/health.py), so later phases and iterations do not wait on it: one
+stalled replica costs the other requests one gap of at most its deadline. A call answers per
+item, and an item's error fails that request alone.
 
 Requests that do not speculate wait for the draft call in iterations where others
 speculate: one batched scoring call per worker per iteration costs the base model less than
@@ -23,17 +30,22 @@ small model that drafts).
 """
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from eft_core import Composition, EFTError, SamplingBatch, SamplingParams, SpeculationStats, UnavailableError, accept_drafts, eft_logprobs, implicit_rewards, sample
+from eft_core import (
+    Composition, DeadlineExceededError, EFTError, InternalError, InvalidArgumentError, NotFoundError, OverloadedError, ResourceExhaustedError, SamplingBatch,
+    SamplingParams, SpeculationStats, UnavailableError, accept_drafts, eft_logprobs, implicit_rewards, sample,
+)  # fmt: skip
 from eft_core.draft_length import AcceptanceEstimate, best_draft_k
-from eft_core.sampling import sampling_probs, seeded_generator
+from eft_core.sampling import sampling_probs, seeded_generator, stream_seed
+from services.coordinator.health import CallPolicy, ReplicaHealth
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import WorkerClient
 
@@ -60,9 +72,12 @@ class EngineRequest:
     cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds (after pending rollbacks)
     rollback: dict[str, int] = field(default_factory=dict)  # session key -> length to truncate to, sent with its next call
     placement: dict[str, WorkerClient] = field(default_factory=dict)  # model -> the replica holding its caches
+    released: Future | None = None  # done when the release of its sessions is
 
     def __post_init__(self):
-        self.generator = seeded_generator(self.params.seed) if self.params.seed is not None else None
+        seed = self.params.seed
+        self.generator = seeded_generator(seed) if seed is not None else None  # sampling and acceptance
+        self.draft_params = replace(self.params, seed=stream_seed(seed, "draft")) if seed is not None else self.params  # the drafter's own stream
         self.sampling = SamplingBatch.from_params([self.params], {0: self.generator} if self.generator else {})
         for model in self.composition.scored_models:
             self.unsent[model] = list(self.prompts[model])
@@ -89,14 +104,19 @@ class Engine:
     A request is placed on one replica per group when it starts and stays there;
     ``set_replicas`` changes a group's replicas for the requests placed afterwards.
     ``vocab_sizes``: the vocabulary each composition's models share, by composition name
-    (compositions of different tokenizer families may be served together)."""
+    (compositions of different tokenizer families may be served together).
+    ``calls``: the deadlines of worker calls."""
 
-    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_sizes: Mapping[str, int], logits_dtype: torch.dtype = torch.float32, metrics=None):
+    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_sizes: Mapping[str, int], logits_dtype: torch.dtype = torch.float32, metrics=None, calls: CallPolicy = CallPolicy()):
         self.replicas = {m: w if isinstance(w, list) else [w] for m, w in workers.items()}
-        self.vocab_sizes, self.logits_dtype = dict(vocab_sizes), logits_dtype
+        self.vocab_sizes, self.logits_dtype, self.calls = dict(vocab_sizes), logits_dtype, calls
         self.metrics = metrics  # services.metrics.ServingMetrics, or None
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
+        self.health = ReplicaHealth()
+        self.releaser = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-release")
+        self.releasing: set[Future] = set()  # releases in flight
+        self.releasing_lock = threading.Lock()
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
+        self.placements, self.last_placed = 0, {}  # placements so far; the number of each replica's latest
         self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in plain iterations (measured, smoothed)
 
     def step(self, requests: list[EngineRequest]) -> None:
@@ -120,12 +140,18 @@ class Engine:
         if drafted:
             self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
 
-    def release(self, requests: list[EngineRequest]) -> None:
-        """Free every worker session the requests hold (idempotent). A worker that cannot be
-        reached is logged and skipped: its sessions died with it, or its own idle handling
-        frees them."""
-        by_client = defaultdict(list)
+    def release(self, requests: list[EngineRequest]) -> Future:
+        """Free every worker session the requests hold (idempotent), without waiting on the
+        workers: the returned future is done once each replica answered or its deadline
+        passed (for a request released before, once that release is). A replica out of
+        placement frees them when it returns; one that cannot be reached is logged and
+        skipped (its sessions died with it, or its idle reaper frees them)."""
+        by_client, earlier, releasing = defaultdict(list), [], []
         for r in requests:
+            if not r.placement:
+                earlier += [r.released] if r.released is not None else []
+                continue
+            releasing.append(r)
             for client in dict.fromkeys(r.placement.values()):
                 by_client[client] += [r.id, r.id + _DRAFT]
                 self.load[client] -= 1
@@ -133,35 +159,73 @@ class Engine:
                     del self.load[client]
             r.placement = {}
             r.cached.clear()
-        for client, future in [(client, self.pool.submit(client.release, ids)) for client, ids in by_client.items()]:
-            try:
-                future.result()
-            except EFTError as error:
-                log.warning("could not release %d sessions on %s: %s", len(by_client[client]), client, error)
+        sent = [self.releaser.submit(self._release_on, c, ids) for c, ids in by_client.items() if not self.health.defer_release(c, ids)]
+        done = _when_all(sent)
+        with self.releasing_lock:
+            self.releasing.add(done)
+        done.add_done_callback(self._released)
+        for r in releasing:
+            r.released = done
+        return _when_all([done, *earlier])
+
+    def wait_released(self, timeout: float | None = None) -> None:
+        """Wait for the releases in flight (shutdown, tests)."""
+        with self.releasing_lock:
+            pending = list(self.releasing)
+        wait(pending, timeout)
+
+    def _released(self, future: Future) -> None:
+        with self.releasing_lock:
+            self.releasing.discard(future)
+
+    def _release_on(self, client: WorkerClient, session_ids: list[str]) -> None:
+        try:
+            client.release(session_ids, timeout=self.calls.timeout_s)
+        except EFTError as error:
+            log.warning("could not release %d sessions on %s: %s", len(session_ids), client, error)
 
     def set_replicas(self, models: list[str], clients: list[WorkerClient]) -> None:
         """The replicas of the worker group hosting ``models`` are now ``clients`` (called from
         another thread: the mapping is replaced whole, never changed in place)."""
         replicas, shared = dict(self.replicas), list(clients)
+        gone = {c for m in models for c in self.replicas.get(m, [])} - set(shared)
         for model in models:
             replicas[model] = shared
         self.replicas = replicas
+        self.health.forget(gone)
+
+    def servable(self, composition: Composition) -> bool:
+        """Whether every worker group the composition needs has a replica in placement."""
+        replicas = self.replicas
+        return all(any(self.health.is_ejected(c) is None for c in replicas[m]) for m in composition.models)
+
+    def close(self) -> None:
+        self.health.close()
+        self.releaser.shutdown(wait=False)
 
     def _place(self, r: EngineRequest) -> None:
-        """One replica per worker group for the request's models: the least loaded.
-        A group with no replica running fails the request with UNAVAILABLE."""
+        """One replica per worker group for the request's models: the least loaded of those
+        in placement, the least recently chosen among equals (a replica on probation takes one
+        request at a time). A group with none fails the request with UNAVAILABLE."""
         replicas, chosen = self.replicas, {}
         for model in r.composition.models:
             group = replicas[model]
-            if not group:
-                r.placement.clear()
-                r.error, r.finish_reason = UnavailableError(f"no replica of the worker group hosting {model!r} is running; retry later"), "error"
-                return
             if id(group) not in chosen:
-                chosen[id(group)] = min(group, key=lambda client: self.load.get(client, 0))
+                live = [c for c in group if self._placeable(c)]
+                if not live:
+                    r.placement.clear()
+                    r.error, r.finish_reason = UnavailableError(_no_replica(model, group, self.health)), "error"
+                    return
+                chosen[id(group)] = min(live, key=lambda client: (self.load.get(client, 0), self.last_placed.get(client, -1)))
             r.placement[model] = chosen[id(group)]
         for client in dict.fromkeys(r.placement.values()):
             self.load[client] += 1
+            self.last_placed[client] = self.placements = self.placements + 1
+
+    def _placeable(self, client: WorkerClient) -> bool:
+        if self.health.is_ejected(client) is not None:
+            return False
+        return not (self.health.on_probation(client) and self.load.get(client, 0) > 0)
 
     # --- the phases ----------------------------------------------------------------------
 
@@ -169,7 +233,7 @@ class Engine:
         calls = defaultdict(list)
         for r in requests:
             drafter = r.composition.drafter_model
-            calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.params, r.rollback.pop(_DRAFT, None))))
+            calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.draft_params, r.rollback.pop(_DRAFT, None))))
         results = {}
         for (r, item), answer in self._call_all(calls, "draft"):
             if self._cache_kept(r, _DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
@@ -290,18 +354,83 @@ class Engine:
             r.rollback[key] = min(length, r.rollback.get(key, length))
 
     def _call_all(self, calls: dict, method: str):
-        """One call per worker, all started before any is awaited; a failed call fails just
-        its requests."""
-        started = time.perf_counter()
-        pending = {client: client.start(method, [item for _, item in batch], self.logits_dtype) for client, batch in calls.items()}
-        for client, call in pending.items():
+        """One call per worker, all started before any is awaited, each under its deadline.
+        A failed call fails just its requests (and ejects its replica); a failed item, just
+        its request. Replicas already out of placement are not called."""
+        started, pending = time.perf_counter(), {}
+        for client, batch in calls.items():
+            if (reason := self.health.is_ejected(client)) is not None:
+                _fail([r for r, _ in batch], UnavailableError(f"worker replica {_name(client)} left placement ({reason}); retry the request"))
+                continue
+            timeout = self.calls.deadline(sum(len(item.token_ids) for _, item in batch))
+            pending[client] = (client.start(method, [item for _, item in batch], self.logits_dtype, timeout), timeout)
+        for client, (call, timeout) in pending.items():
             try:
                 answers = call.result()
             except EFTError as error:
-                for r, _ in calls[client]:
-                    r.error, r.finish_reason = error, "error"
+                _fail([r for r, _ in calls[client]], self._call_failed(client, method, timeout, error))
                 continue
+            self.health.succeeded(client)
             if self.metrics is not None:
-                seconds, logits_bytes = time.perf_counter() - started, sum(a.logits.nbytes for a in answers)
-                self.metrics.observe_worker_call(getattr(client, "address", "in-process"), method, seconds, len(answers), logits_bytes)
-            yield from zip(calls[client], answers)
+                seconds, logits_bytes = time.perf_counter() - started, sum(a.logits.nbytes for a in answers if not isinstance(a, EFTError))
+                self.metrics.observe_worker_call(_name(client), method, seconds, len(answers), logits_bytes)
+            for (r, item), answer in zip(calls[client], answers):
+                if isinstance(answer, EFTError):
+                    _fail([r], _item_failed(client, answer))
+                else:
+                    yield (r, item), answer
+
+    def _call_failed(self, client: WorkerClient, method: str, timeout: float, error: EFTError) -> EFTError:
+        """What a failed call means for its requests; a replica at fault leaves placement."""
+        if isinstance(error, (InvalidArgumentError, NotFoundError, ResourceExhaustedError)):  # the call itself was wrong: this process's bug
+            return InternalError(f"worker replica {_name(client)} refused a {method} call: {error}")
+        self.health.failed(client, error)
+        if isinstance(error, DeadlineExceededError):
+            return UnavailableError(f"worker replica {_name(client)} did not answer {method} within {timeout:.1f} s; retry the request")
+        return UnavailableError(f"worker replica {_name(client)} failed {method} ({error}); retry the request")
+
+
+def _item_failed(client: WorkerClient, error: EFTError) -> EFTError:
+    """What a worker's refusal of one item means for its request: a lost cache is the
+    replica's (UNAVAILABLE), a full budget a busy server's (retry later); anything else is
+    a bug of the coordinator, which validated the request (never the client's mistake)."""
+    if isinstance(error, UnavailableError):
+        return UnavailableError(f"worker replica {_name(client)} lost this request's cache ({error}); retry the request")
+    if isinstance(error, ResourceExhaustedError):
+        return OverloadedError(f"worker replica {_name(client)} is full ({error}); retry later")
+    return InternalError(f"worker replica {_name(client)} refused an item of the coordinator's call: {error}")
+
+
+def _fail(requests: list[EngineRequest], error: EFTError) -> None:
+    for r in requests:
+        if not r.done:
+            r.error, r.finish_reason = error, "error"
+
+
+def _name(client: WorkerClient) -> str:
+    return getattr(client, "address", "in-process")
+
+
+def _no_replica(model: str, group: list, health: ReplicaHealth) -> str:
+    if not group:
+        return f"no replica of the worker group hosting {model!r} is running; retry later"
+    reasons = sorted({health.is_ejected(c) or "on probation" for c in group})
+    return f"every replica of the worker group hosting {model!r} is out of placement ({'; '.join(reasons)}); retry later"
+
+
+def _when_all(futures: list[Future]) -> Future:
+    """A future done when all of ``futures`` are."""
+    done, left, lock = Future(), [len(futures)], threading.Lock()
+
+    def one_done(_) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            done.set_result(None)
+
+    if not futures:
+        done.set_result(None)
+    for future in futures:
+        future.add_done_callback(one_done)
+    return done

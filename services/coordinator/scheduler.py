@@ -3,7 +3,8 @@ requests join and leave between iterations, and each streams its tokens through 
 
 Admission: up to ``max_running`` requests step together; up to ``max_waiting`` more queue
 (beyond that, RESOURCE_EXHAUSTED at once). Cancellation and deadlines are honoured between
-iterations and release every worker session the request held.
+iterations and release every worker session the request held; the loop never waits on a
+release.
 """
 
 import logging
@@ -12,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from eft_core import EFTError, ResourceExhaustedError
+from eft_core import EFTError, OverloadedError
 from services.coordinator.engine import Engine, EngineRequest
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Scheduler:
         handle = Handle(request, time.monotonic() + timeout if timeout is not None else None)
         with self.condition:  # waiting requests that free running places will take are not queued beyond them
             if len(self.waiting) >= self.max_waiting + max(0, self.max_running - len(self.running)):
-                raise ResourceExhaustedError(
+                raise OverloadedError(
                     f"{len(self.running)} requests run and {len(self.waiting)} wait (max_running {self.max_running}, max_waiting {self.max_waiting}): retry later", field="queue"
                 )
             self.waiting.append(handle)
@@ -128,8 +129,8 @@ class Scheduler:
             new = slice(handle.sent, len(request.tokens))
             if request.done:
                 self.running.remove(handle)
-                self.engine.release([request])
-                handle.chunks.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new], True, request.finish_reason, request.error))
+                final = Chunk(request.tokens[new], request.logprobs[new], request.rewards[new], True, request.finish_reason, request.error)
+                self._release_then_put(handle, final)
             elif new.start < new.stop:
                 handle.chunks.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new]))
             handle.sent = len(request.tokens)
@@ -139,5 +140,9 @@ class Scheduler:
             if handle in self.running:
                 self.running.remove(handle)
             handle.request.finish_reason = handle.request.finish_reason or reason
-            self.engine.release([handle.request])
-            handle.chunks.put(Chunk([], [], [], True, reason))
+            self._release_then_put(handle, Chunk([], [], [], True, reason))
+
+    def _release_then_put(self, handle: Handle, final: Chunk) -> None:
+        """The final chunk follows the release of the request's sessions (a caller that saw
+        the end finds them freed), which runs off this loop."""
+        self.engine.release([handle.request]).add_done_callback(lambda _: handle.chunks.put(final))

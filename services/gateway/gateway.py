@@ -63,6 +63,14 @@ class Gateway:
         ]
         return eft_pb2.ListCompositionsResponse(compositions=infos, default_composition=self.default_composition)
 
+    def health(self) -> dict[str, bool]:
+        """What the server can do now, per composition: take a request (the scheduler's loop
+        runs, and every worker group the composition needs has a replica in placement);
+        under "": whether any composition can."""
+        alive, engine = self.scheduler.thread.is_alive(), self.scheduler.engine
+        serving = {name: alive and engine.servable(c) for name, c in self.compositions.items()}
+        return {"": any(serving.values()), **serving}
+
     def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
         """Validate everything once; errors name the field."""
         composition = self._composition(message.composition or self.default_composition)

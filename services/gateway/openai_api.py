@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eft_core import EFTError, InvalidArgumentError
+from eft_core import EFTError, InvalidArgumentError, OverloadedError
 from services.gateway.gateway import Gateway
 from services.pb.eft.v1 import eft_pb2
 from services.security import OPEN_HTTP_PATHS, Security
@@ -129,8 +129,11 @@ def create_app(gateway: Gateway, security: Security = Security()) -> FastAPI:
 
     @app.get("/health")
     def health():
-        alive = gateway.scheduler.thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
+        """200 while some composition can serve (as gRPC health's ""), with each one's state."""
+        serving = gateway.health()
+        overall = serving.pop("")
+        compositions = {name: "serving" if ok else "not_serving" for name, ok in serving.items()}
+        return JSONResponse({"status": "ok" if overall else "unavailable", "compositions": compositions}, status_code=200 if overall else 503)
 
     @app.get("/metrics")
     def metrics():
@@ -317,7 +320,7 @@ def _extension(body: _Body, chunk, token_ids: list[int], rewards: list[list[floa
 
 
 def http_status(error: EFTError) -> int:
-    if error.code == "RESOURCE_EXHAUSTED" and error.field == "queue":
+    if isinstance(error, OverloadedError):
         return 429  # the server is busy, unlike a request over a limit
     return HTTP_STATUS.get(error.code, 500)
 

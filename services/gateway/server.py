@@ -97,7 +97,15 @@ def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Secu
         threads=scheduler.max_running + scheduler.max_waiting + SPARE_THREADS,
         credentials=security.grpc_credentials(),
         interceptors=security.grpc_interceptors(),
+        health_of=lambda: health_service_names(gateway.health()),
     )
+
+
+def health_service_names(health: dict[str, bool]) -> dict[str, bool]:
+    """grpc.health.v1 names: "" and the service, whether any composition serves; and
+    ``eft.v1.EFTService/<composition>`` for each."""
+    overall = health.pop("")
+    return {"": overall, SERVICE_NAME: overall, **{f"{SERVICE_NAME}/{name}": serving for name, serving in health.items()}}
 
 
 def _add_servicer(servicer: EFTServicer, server: grpc.Server) -> None:

@@ -65,3 +65,16 @@ class WorkerInfo:
     max_cached_tokens: int
     sessions: int
     cached_tokens: int
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What one worker holds and computes at once (the worker CLI's flags, a worker group's config)."""
+
+    max_sessions: int = 256  # (session, model) caches
+    max_cached_tokens: int = 1 << 20  # tokens over all caches
+    max_forward_tokens: int = 8192  # positions per forward, padding included: longer prefills are chunked
+
+    def flags(self) -> list[str]:
+        """As the worker CLI takes them (a tensor-parallel rank 0 starts its followers with these)."""
+        return [f"--{name.replace('_', '-')}={value}" for name, value in vars(self).items()]

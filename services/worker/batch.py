@@ -9,8 +9,14 @@ the call each session takes back exactly its real columns.
 Cost: one copy of the participating caches per call (not per decode step: a Draft call
 steps the same batch k times). Simple, exact, and independent of the model class; a
 slot-based persistent batch cache (vLLM's paged blocks) would avoid the copy.
+
+Memory: a step is fed in chunks of at most ``max_forward_tokens`` positions (rows x width,
+padding included), and the LM head runs only on the positions whose logits are kept, so a
+long prompt among short rows costs neither rows x prompt activations nor rows x prompt x
+vocabulary logits.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +43,8 @@ class SessionKV:
 class PaddedBatch:
     """Sessions stepped together; see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, pasts: list[SessionKV | None]):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, pasts: list[SessionKV | None], max_forward_tokens: int):
+        self.model, self.max_forward_tokens = model, max_forward_tokens
         self._stack(pasts)
 
     def _stack(self, pasts: list[SessionKV | None]) -> None:
@@ -55,16 +61,35 @@ class PaddedBatch:
                 self.cache.update(keys, values, layer)
 
     @torch.inference_mode()
-    def step(self, tokens: list[list[int]]) -> torch.Tensor:  # [rows, longest new, padded vocab]
-        """Append each row's tokens (a row may append none) and return their logits."""
-        assert len(tokens) == len(self.lengths)
-        width = max(len(t) for t in tokens)
+    def step(self, tokens: list[list[int]], keep: list[int]) -> torch.Tensor:  # [rows, max(keep), padded vocab]
+        """Append each row's tokens (a row may append none) and return the logits of its last
+        ``keep[row]`` new positions, right-aligned: row r's are ``[r, -keep[r]:]`` (zeros before).
+        Fed in chunks of ``max_forward_tokens // rows`` positions per row (at least one)."""
+        rows, width = len(tokens), max(1, self.max_forward_tokens // len(tokens))
+        kept = [range(len(t) - k, len(t)) for t, k in zip(tokens, keep)]  # positions within each row's new tokens
+        out = None
+        for start in range(0, max(len(t) for t in tokens), width):
+            here = [[p - start for p in positions if start <= p < start + width] for positions in kept]
+            logits = self._forward([t[start : start + width] for t in tokens], here)
+            if out is None:
+                out = logits.new_zeros(rows, max(keep), logits.shape[-1])
+            for row, (positions, offsets) in enumerate(zip(kept, here)):
+                if offsets:  # slot of the row's first kept position in this chunk, counted from the right
+                    first = out.shape[1] - len(positions) + offsets[0] + start - positions.start
+                    out[row, first : first + len(offsets)] = logits[row, : len(offsets)]
+        return out
+
+    def _forward(self, tokens: list[list[int]], heads: list[list[int]]) -> torch.Tensor:  # [rows, most heads, padded vocab]
+        """One forward of each row's tokens; logits only at each row's ``heads`` offsets."""
+        width, most = max(len(t) for t in tokens), max(len(h) for h in heads)
         device = self.model.device
         ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=device)
         new_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         positions = torch.tensor([[n + j for j in range(width)] for n in self.lengths], device=device)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache))
+        index = torch.tensor([h + [h[-1] if h else 0] * (most - len(h)) for h in heads], dtype=torch.long, device=device)
+        with _head_only_at(self.model, index):
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache))
         self.lengths = [n + len(t) for n, t in zip(self.lengths, tokens)]
         return out.logits
 
@@ -79,6 +104,25 @@ class PaddedBatch:
         columns = self.mask[row].nonzero().flatten()
         layers = self.cache.layers
         return SessionKV([layer.keys[row : row + 1, :, columns] for layer in layers], [layer.values[row : row + 1, :, columns] for layer in layers])
+
+
+@contextmanager
+def _head_only_at(model: torch.nn.Module, index: torch.Tensor):
+    """Within the block, the model's LM head (and what its forward does after it, such as
+    soft-capping) sees only the hidden states at ``index`` [rows, n]: the final projection
+    to the vocabulary, the largest tensor of a prefill, is computed for those positions only.
+    The model class stays untouched: a pre-hook on its output embeddings picks the positions
+    (transformers' ``logits_to_keep`` keeps the same positions for every row)."""
+
+    def gather(module, args):
+        hidden = args[0]
+        return (hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _left_pad(tensor: torch.Tensor | None, length: int, longest: int, like: torch.Tensor) -> torch.Tensor:

@@ -27,20 +27,22 @@ class PendingCall(Protocol):
 
 class WorkerClient(Protocol):
     """``extend``/``draft`` block; ``start`` issues either without blocking (the coordinator
-    starts one call per worker, then collects them)."""
+    starts one call per worker, then collects them). Model calls answer per item: its result,
+    or the error that refused it. ``timeout``: the call's deadline in seconds (None: the
+    client's default); a call past it raises DeadlineExceededError."""
 
-    def info(self) -> WorkerInfo: ...
-    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended]: ...
-    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted]: ...
-    def start(self, method: str, items: list, logits_dtype: torch.dtype = torch.float32) -> PendingCall: ...
+    def info(self, timeout: float | None = None) -> WorkerInfo: ...
+    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended | EFTError]: ...
+    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted | EFTError]: ...
+    def start(self, method: str, items: list, logits_dtype: torch.dtype = torch.float32, timeout: float | None = None) -> PendingCall: ...
     def truncate(self, session_id: str, model: str, length: int) -> int: ...
-    def release(self, session_ids: list[str]) -> int: ...
+    def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
 
 
-def info_or_none(client: "WorkerClient") -> WorkerInfo | None:
-    """The worker's Info, or None when it cannot be reached (a replica that just died)."""
+def info_or_none(client: "WorkerClient", timeout: float | None = None) -> WorkerInfo | None:
+    """The worker's Info, or None when it cannot be reached (a replica that just died) in time."""
     try:
-        return client.info()
+        return client.info(timeout)
     except EFTError:
         return None
 
@@ -51,12 +53,13 @@ def model_contexts(clients: Iterable["WorkerClient"]) -> dict[str, int]:
 
 
 class InProcessWorkerClient:
-    """Calls a ModelWorker in this process: for unit tests and the oracle."""
+    """Calls a ModelWorker in this process: for unit tests and the oracle. Deadlines are not
+    enforced (a call in this thread cannot be cut short)."""
 
     def __init__(self, worker: ModelWorker):
         self.worker = worker
 
-    def info(self) -> WorkerInfo:
+    def info(self, timeout=None) -> WorkerInfo:
         return self.worker.info()
 
     def extend(self, items, logits_dtype=torch.float32):
@@ -65,7 +68,7 @@ class InProcessWorkerClient:
     def draft(self, items, logits_dtype=torch.float32):
         return self.worker.draft(items, logits_dtype)
 
-    def start(self, method, items, logits_dtype=torch.float32):
+    def start(self, method, items, logits_dtype=torch.float32, timeout=None):
         """Runs the call now (in process there is nothing to overlap with)."""
         try:
             return _Done(getattr(self, method)(items, logits_dtype))
@@ -75,7 +78,7 @@ class InProcessWorkerClient:
     def truncate(self, session_id, model, length):
         return self.worker.truncate(session_id, model, length)
 
-    def release(self, session_ids):
+    def release(self, session_ids, timeout=None):
         return self.worker.release(list(session_ids))
 
 
@@ -112,8 +115,8 @@ class GrpcWorkerClient:
     def close(self) -> None:
         self.channel.close()
 
-    def info(self) -> WorkerInfo:
-        return convert.info_from_proto(self._call(self.stub.Info, worker_pb2.InfoRequest()))
+    def info(self, timeout=None) -> WorkerInfo:
+        return convert.info_from_proto(self._call(self.stub.Info, worker_pb2.InfoRequest(), timeout))
 
     def extend(self, items, logits_dtype=torch.float32):
         return self.start("extend", items, logits_dtype).result()
@@ -121,21 +124,21 @@ class GrpcWorkerClient:
     def draft(self, items, logits_dtype=torch.float32):
         return self.start("draft", items, logits_dtype).result()
 
-    def start(self, method, items, logits_dtype=torch.float32) -> "_GrpcCall":
+    def start(self, method, items, logits_dtype=torch.float32, timeout=None) -> "_GrpcCall":
         """Issue an Extend or Draft call without blocking; ``.result()`` waits for it."""
         rpc, encode, decode = self._methods[method]
-        return _GrpcCall(rpc.future(encode(items, logits_dtype), timeout=self.timeout), decode, self.timing[method])
+        return _GrpcCall(rpc.future(encode(items, logits_dtype), timeout=timeout or self.timeout), decode, self.timing[method])
 
     def truncate(self, session_id, model, length):
         request = worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length)
         return self._call(self.stub.Truncate, request).cache_length
 
-    def release(self, session_ids):
-        return self._call(self.stub.Release, worker_pb2.ReleaseRequest(session_ids=list(session_ids))).released
+    def release(self, session_ids, timeout=None):
+        return self._call(self.stub.Release, worker_pb2.ReleaseRequest(session_ids=list(session_ids)), timeout).released
 
-    def _call(self, method, request):
+    def _call(self, method, request, timeout=None):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from eft_core import InvalidArgumentError, SamplingParams
+from eft_core import EFTError, InvalidArgumentError, SamplingParams
+from services.errors import error_from_status, status_number
 from services.pb.eft.v1 import worker_pb2
 from services.wire import from_wire, to_wire
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
@@ -29,12 +30,18 @@ def extend_request(items: list[ExtendItem], logits_dtype: torch.dtype) -> worker
     )
 
 
-def extend_response(results: list[Extended], logits_dtype: torch.dtype) -> worker_pb2.ExtendResponse:
-    return worker_pb2.ExtendResponse(logits=[to_wire(r.logits, logits_dtype) for r in results], cache_lengths=[r.cache_length for r in results])
+def extend_response(results: list[Extended | EFTError], logits_dtype: torch.dtype) -> worker_pb2.ExtendResponse:
+    failed = [isinstance(r, EFTError) for r in results]
+    return worker_pb2.ExtendResponse(
+        logits=[worker_pb2.Tensor() if bad else to_wire(r.logits, logits_dtype) for r, bad in zip(results, failed)],
+        cache_lengths=[0 if bad else r.cache_length for r, bad in zip(results, failed)],
+        errors=_item_errors(results),
+    )
 
 
-def extended_from_proto(response: worker_pb2.ExtendResponse) -> list[Extended]:
-    return [Extended(from_wire(t, f"logits[{i}]"), n) for i, (t, n) in enumerate(zip(response.logits, response.cache_lengths))]
+def extended_from_proto(response: worker_pb2.ExtendResponse) -> list[Extended | EFTError]:
+    failed = _failed_items(response.errors)
+    return [failed.get(i) or Extended(from_wire(t, f"logits[{i}]"), n) for i, (t, n) in enumerate(zip(response.logits, response.cache_lengths))]
 
 
 def draft_items_from_proto(request: worker_pb2.DraftRequest) -> list[DraftItem]:
@@ -51,14 +58,26 @@ def draft_request(items: list[DraftItem], logits_dtype: torch.dtype) -> worker_p
     )
 
 
-def draft_response(results: list[Drafted], logits_dtype: torch.dtype) -> worker_pb2.DraftResponse:
-    return worker_pb2.DraftResponse(
-        results=[worker_pb2.DraftResult(draft_tokens=r.draft_tokens, logits=to_wire(r.logits, logits_dtype), cache_length=r.cache_length) for r in results]
-    )
+def draft_response(results: list[Drafted | EFTError], logits_dtype: torch.dtype) -> worker_pb2.DraftResponse:
+    def result(r) -> worker_pb2.DraftResult:
+        if isinstance(r, EFTError):
+            return worker_pb2.DraftResult()
+        return worker_pb2.DraftResult(draft_tokens=r.draft_tokens, logits=to_wire(r.logits, logits_dtype), cache_length=r.cache_length)
+
+    return worker_pb2.DraftResponse(results=[result(r) for r in results], errors=_item_errors(results))
 
 
-def drafted_from_proto(response: worker_pb2.DraftResponse) -> list[Drafted]:
-    return [Drafted(list(r.draft_tokens), from_wire(r.logits, f"results[{i}].logits"), r.cache_length) for i, r in enumerate(response.results)]
+def drafted_from_proto(response: worker_pb2.DraftResponse) -> list[Drafted | EFTError]:
+    failed = _failed_items(response.errors)
+    return [failed.get(i) or Drafted(list(r.draft_tokens), from_wire(r.logits, f"results[{i}].logits"), r.cache_length) for i, r in enumerate(response.results)]
+
+
+def _item_errors(results: list) -> list[worker_pb2.ItemError]:
+    return [worker_pb2.ItemError(index=i, code=status_number(r), message=str(r)) for i, r in enumerate(results) if isinstance(r, EFTError)]
+
+
+def _failed_items(errors) -> dict[int, EFTError]:
+    return {e.index: error_from_status(e.code, e.message) for e in errors}
 
 
 def info_response(info: WorkerInfo) -> worker_pb2.InfoResponse:

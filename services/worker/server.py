@@ -22,6 +22,7 @@ from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_server
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
 from services.wire import DTYPE_NAMES, wire_dtype
 from services.worker import convert
+from services.worker.api import WorkerLimits
 from services.worker.worker import ModelWorker, load_hosted_model, start_idle_reaper
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", help="weights' dtype (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default: %(default)s)")
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to bind; port 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--max-sessions", type=int, default=256, help="(session, model) caches held at once (default: %(default)s)")
-    parser.add_argument("--max-cached-tokens", type=int, default=1 << 20, help="tokens held over all caches (default: %(default)s)")
+    parser.add_argument("--max-sessions", type=int, default=WorkerLimits.max_sessions, help="(session, model) caches held at once (default: %(default)s)")
+    parser.add_argument("--max-cached-tokens", type=int, default=WorkerLimits.max_cached_tokens, help="tokens held over all caches (default: %(default)s)")
+    parser.add_argument("--max-forward-tokens", type=int, default=WorkerLimits.max_forward_tokens, help="positions one forward computes, padding included; longer prefills are fed in chunks (default: %(default)s)")
     parser.add_argument("--session-idle-timeout", type=float, default=120.0, metavar="SECONDS", help="free sessions no call has used this long, e.g. a restarted coordinator's (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks for the (single) model, one process each (default: %(default)s)")
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.session_idle_timeout <= 0:
         parser.error(f"--session-idle-timeout must be > 0, got {args.session_idle_timeout}")
+    for flag in ("max_sessions", "max_cached_tokens", "max_forward_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.tp < 1 or (args.tp > 1 and len(specs) != 1):
         parser.error("--tp must be >= 1, and a tensor-parallel worker hosts exactly one model")
     try:
@@ -103,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     except EFTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    _serve(ModelWorker(models, args.max_sessions, args.max_cached_tokens), args)
+    _serve(ModelWorker(models, _limits(args)), args)
     return 0
+
+
+def _limits(args) -> WorkerLimits:
+    return WorkerLimits(args.max_sessions, args.max_cached_tokens, args.max_forward_tokens)
 
 
 def _model_spec(parser, spec: str) -> tuple[str, str]:
@@ -132,9 +141,9 @@ def _serve_tensor_parallel(args, name: str, path: str) -> int:
     from services.worker.tensor_parallel import run_follower, start_tensor_parallel_worker
 
     if args.rank is not None:  # started by rank 0
-        run_follower(name, path, args.tp, args.rank, args.master_port, args.dtype, args.device, args.max_sessions, args.max_cached_tokens)
+        run_follower(name, path, args.tp, args.rank, args.master_port, args.dtype, args.device, _limits(args))
         return 0
-    worker, followers = start_tensor_parallel_worker(name, path, args.tp, args.dtype, args.device, args.max_sessions, args.max_cached_tokens)
+    worker, followers = start_tensor_parallel_worker(name, path, args.tp, args.dtype, args.device, _limits(args))
     try:
         _serve(worker, args, on_stop=worker.stop_followers)
     finally:

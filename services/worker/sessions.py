@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eft_core import NotFoundError, ResourceExhaustedError
+from eft_core import NotFoundError, OverloadedError
 from services.worker.batch import SessionKV
 
 
@@ -40,14 +40,12 @@ class SessionStore:
     def peek(self, session_id: str, model: str) -> Session | None:
         return self._sessions.get((session_id, model))
 
-    def reserve(self, new_sessions: int, new_tokens: int) -> None:
-        """Refuse, before any work, a call that would go over the budget."""
+    def reserve(self, new_sessions: int, new_tokens: int, field: str) -> None:
+        """Refuse, before any work, what would go over the budget (``field``: whose ask it is)."""
         if len(self) + new_sessions > self.max_sessions:
-            raise ResourceExhaustedError(f"{len(self)} sessions held, {new_sessions} more asked, budget {self.max_sessions}", field="items")
+            raise OverloadedError(f"{len(self)} sessions held, {new_sessions} more asked, budget {self.max_sessions}", field=field)
         if self.cached_tokens + new_tokens > self.max_cached_tokens:
-            raise ResourceExhaustedError(
-                f"{self.cached_tokens} tokens cached, {new_tokens} more asked, budget {self.max_cached_tokens}", field="items"
-            )
+            raise OverloadedError(f"{self.cached_tokens} tokens cached, {new_tokens} more asked, budget {self.max_cached_tokens}", field=field)
 
     def put(self, session_id: str, model: str, session: Session) -> None:
         self._sessions[session_id, model] = session

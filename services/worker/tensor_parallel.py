@@ -25,7 +25,7 @@ from eft_core import EFTError
 from services.pb.eft.v1 import worker_pb2
 from services.wire import wire_dtype
 from services.worker import convert
-from services.worker.api import DraftItem
+from services.worker.api import DraftItem, WorkerLimits
 from services.worker.worker import HostedModel, ModelWorker, load_hosted_model
 
 log = logging.getLogger(__name__)
@@ -71,18 +71,18 @@ class TensorParallelWorker(ModelWorker):
     """Rank 0's worker: broadcasts each model-running call before running it itself."""
 
     def extend(self, items, logits_dtype=torch.float32):
-        with self.lock:
+        with self._serving():
             _broadcast(EXTEND, convert.extend_request(items, logits_dtype))
             return self._extend(items, logits_dtype)
 
     def draft(self, items, logits_dtype=torch.float32):
         items = [_with_seed(item) for item in items]  # every rank must draw the same drafts
-        with self.lock:
+        with self._serving():
             _broadcast(DRAFT, convert.draft_request(items, logits_dtype))
             return self._draft(items, logits_dtype)
 
     def truncate(self, session_id, model, length):
-        with self.lock:
+        with self._serving():
             _broadcast(TRUNCATE, worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length))
             return self._truncate(session_id, model, length)
 
@@ -91,7 +91,7 @@ class TensorParallelWorker(ModelWorker):
         return self._release(session_ids)
 
     def stop_followers(self) -> None:
-        with self.lock:
+        with self._serving():
             _broadcast(STOP, None)
 
 
@@ -114,7 +114,7 @@ def follow(worker: ModelWorker) -> None:
             pass  # rank 0 refused the same call the same way and told its client
 
 
-def start_tensor_parallel_worker(name: str, path: str, tp: int, dtype_name: str, device: str, max_sessions: int, max_cached_tokens: int) -> tuple["TensorParallelWorker", list[subprocess.Popen]]:
+def start_tensor_parallel_worker(name: str, path: str, tp: int, dtype_name: str, device: str, limits: WorkerLimits) -> tuple["TensorParallelWorker", list[subprocess.Popen]]:
     """Become rank 0 of a ``tp``-rank group for one model: start ranks 1..tp-1 as processes
     (``python -m services.worker.server ... --rank r``), join them, shard, and return the
     worker to serve and the follower processes."""
@@ -123,21 +123,21 @@ def start_tensor_parallel_worker(name: str, path: str, tp: int, dtype_name: str,
     master_port = _free_port()
     command = [
         sys.executable, "-m", "services.worker.server", "--model", f"{name}={path}", "--tp", str(tp), "--dtype", dtype_name,
-        "--device", device, "--max-sessions", str(max_sessions), "--max-cached-tokens", str(max_cached_tokens), "--master-port", str(master_port),
+        "--device", device, *limits.flags(), "--master-port", str(master_port),
     ]  # fmt: skip
     followers = [subprocess.Popen([*command, "--rank", str(rank)], stdout=subprocess.DEVNULL) for rank in range(1, tp)]
     rank_device = init_rank(0, tp, master_port, device)
     hosted = load_tensor_parallel_model(name, path, tp, DTYPE_NAMES[dtype_name], rank_device)
-    return TensorParallelWorker([hosted], max_sessions, max_cached_tokens), followers
+    return TensorParallelWorker([hosted], limits), followers
 
 
-def run_follower(name: str, path: str, tp: int, rank: int, master_port: int, dtype_name: str, device: str, max_sessions: int, max_cached_tokens: int) -> None:
+def run_follower(name: str, path: str, tp: int, rank: int, master_port: int, dtype_name: str, device: str, limits: WorkerLimits) -> None:
     """Ranks > 0: join, shard, and follow rank 0 until it stops."""
     from services.wire import DTYPE_NAMES
 
     rank_device = init_rank(rank, tp, master_port, device)
     hosted = load_tensor_parallel_model(name, path, tp, DTYPE_NAMES[dtype_name], rank_device)
-    follow(ModelWorker([hosted], max_sessions, max_cached_tokens))
+    follow(ModelWorker([hosted], limits))  # the same limits: every rank must chunk a call into the same forwards
 
 
 def _free_port() -> int:

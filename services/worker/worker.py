@@ -1,21 +1,24 @@
-"""ModelWorker: hosted causal LMs and their sessions. Each call is validated whole before any
-cache changes, so a bad or over-budget call leaves every session as it was."""
+"""ModelWorker: hosted causal LMs and their sessions. Each item of a batched call is
+validated, and its share of the cache budget reserved, before any cache changes: an item
+refused (lost session, full budget, bad rollback) gets its own error and leaves its session
+as it was, while the call's other items are served."""
 
 import logging
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from eft_core import NotFoundError, ResourceExhaustedError, SamplingBatch, UnavailableError
+from eft_core import EFTError, NotFoundError, ResourceExhaustedError, SamplingBatch, UnavailableError
 from eft_core.errors import require
 from eft_core.sampling import sample_from_probs, sampling_probs, seeded_generator
 from services.prompts import tokenizer_fingerprint
-from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
+from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo, WorkerLimits
 from services.worker.architectures import check_supported
 from services.worker.batch import PaddedBatch
 from services.worker.sessions import Session, SessionStore
@@ -67,10 +70,28 @@ def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.
 
 
 class ModelWorker:
-    def __init__(self, models: list[HostedModel], max_sessions: int = 256, max_cached_tokens: int = 1 << 20):
+    def __init__(self, models: list[HostedModel], limits: WorkerLimits = WorkerLimits()):
         self.models = {m.name: m for m in models}
-        self.store = SessionStore(max_sessions, max_cached_tokens)
+        self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens)
+        self.max_forward_tokens = limits.max_forward_tokens
         self.lock = threading.Lock()  # one call at a time: caches are shared state
+        self.call_started: float | None = None  # time.monotonic() when the running call took the lock
+
+    def stalled_for(self) -> float:
+        """Seconds the running call has held the worker (0 when idle): read without the lock,
+        so a hung call cannot hide itself from health checks."""
+        started = self.call_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @contextmanager
+    def _serving(self):
+        """One call at a time, timed for ``stalled_for``."""
+        with self.lock:
+            self.call_started = time.monotonic()
+            try:
+                yield
+            finally:
+                self.call_started = None
 
     def info(self) -> WorkerInfo:
         models = [
@@ -80,29 +101,31 @@ class ModelWorker:
         with self.lock:
             return WorkerInfo(models, self.store.max_sessions, self.store.max_cached_tokens, len(self.store), self.store.cached_tokens)
 
-    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended]:
-        """Append tokens per session and return logits of the last ``num_logits`` positions."""
-        with self.lock:
+    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended | EFTError]:
+        """Append tokens per session and return logits of the last ``num_logits`` positions;
+        per item, its answer or the error that refused it."""
+        with self._serving():
             return self._extend(items, logits_dtype)
 
-    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted]:
-        """Append tokens, then sample ``num_draft`` tokens per session in one batched loop."""
-        with self.lock:
+    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted | EFTError]:
+        """Append tokens, then sample ``num_draft`` tokens per session in one batched loop;
+        per item, its answer or the error that refused it."""
+        with self._serving():
             return self._draft(items, logits_dtype)
 
     def truncate(self, session_id: str, model: str, length: int) -> int:
         """Keep the first ``length`` tokens of a session's cache."""
-        with self.lock:
+        with self._serving():
             return self._truncate(session_id, model, length)
 
     def release(self, session_ids: list[str]) -> int:
         """Free every cache of these sessions; returns how many (session, model) caches went."""
-        with self.lock:
+        with self._serving():
             return self._release_everywhere(list(session_ids))
 
     def release_idle(self, idle_seconds: float) -> list[str]:
         """Free the sessions no call has used for ``idle_seconds``; returns their ids."""
-        with self.lock:
+        with self._serving():
             idle = self.store.idle_since(time.monotonic() - idle_seconds)
             if idle:
                 self._release_everywhere(idle)
@@ -114,34 +137,28 @@ class ModelWorker:
 
     # --- the verbs, without the lock (a tensor-parallel follower calls these) -------------
 
-    def _extend(self, items: list[ExtendItem], logits_dtype: torch.dtype) -> list[Extended]:
-        self._validate(items, extra_tokens=[0] * len(items))
-        for i, item in enumerate(items):
-            require(0 <= item.num_logits <= len(item.token_ids), f"items[{i}].num_logits", f"must be in [0, {len(item.token_ids)}], got {item.num_logits}")
-        self._apply_truncations(items)
-        results = {}
-        for model, rows in self._by_model(items).items():
-            batch, sessions = self._batch(model, [items[i] for i in rows])
-            logits = batch.step([items[i].token_ids for i in rows])
-            for row, i in enumerate(rows):
-                n, count = max(1, items[i].num_logits), len(items[i].token_ids)
-                results[i] = self._wire(logits[row, count - n : count], model, logits_dtype)
-            self._commit(model, [items[i] for i in rows], batch, sessions)
-        return [Extended(results[i], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
-
-    def _draft(self, items: list[DraftItem], logits_dtype: torch.dtype) -> list[Drafted]:
-        for i, item in enumerate(items):
-            require(isinstance(item.num_draft, int) and item.num_draft >= 1, f"items[{i}].num_draft", f"must be >= 1, got {item.num_draft}")
-        self._validate(items, extra_tokens=[item.num_draft - 1 for item in items])
-        self._apply_truncations(items)
-        results = {}
-        for model, rows in self._by_model(items).items():
+    def _extend(self, items: list[ExtendItem], logits_dtype: torch.dtype) -> list[Extended | EFTError]:
+        answers = self._admit(items, [0] * len(items), _check_num_logits)
+        for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
             batch, sessions = self._batch(model, chosen)
-            for i, drafted in zip(rows, self._draft_loop(model, chosen, batch, sessions, logits_dtype)):
-                results[i] = drafted
-            self._commit(model, chosen, batch, sessions, drafts={it.session_id: results[i][0] for i, it in zip(rows, chosen)})
-        return [Drafted(results[i][0], results[i][1], len(self.store.peek(it.session_id, it.model).tokens)) for i, it in enumerate(items)]
+            wanted = [max(1, item.num_logits) for item in chosen]
+            logits = batch.step([item.token_ids for item in chosen], wanted)
+            self._commit(model, chosen, batch, sessions)
+            for row, (i, n) in enumerate(zip(rows, wanted)):
+                answers[i] = Extended(self._wire(logits[row, logits.shape[1] - n :], model, logits_dtype), len(sessions[row].tokens))
+        return answers
+
+    def _draft(self, items: list[DraftItem], logits_dtype: torch.dtype) -> list[Drafted | EFTError]:
+        answers = self._admit(items, [item.num_draft - 1 for item in items], _check_num_draft)
+        for model, rows in self._by_model(items, answers).items():
+            chosen = [items[i] for i in rows]
+            batch, sessions = self._batch(model, chosen)
+            drafted = self._draft_loop(model, chosen, batch, sessions, logits_dtype)
+            self._commit(model, chosen, batch, sessions, drafts=[tokens for tokens, _ in drafted])
+            for row, (i, (tokens, logits)) in enumerate(zip(rows, drafted)):
+                answers[i] = Drafted(tokens, logits, len(sessions[row].tokens))
+        return answers
 
     def _truncate(self, session_id: str, model: str, length: int) -> int:
         self._model(model, "model")
@@ -154,36 +171,50 @@ class ModelWorker:
     def _release(self, session_ids: list[str]) -> int:
         return self.store.release(session_ids)
 
-    def _apply_truncations(self, items) -> None:
-        """The rollbacks riding on a call (validated already), before it runs."""
-        for item in items:
-            if item.truncate_to is not None:
-                self._truncate(item.session_id, item.model, item.truncate_to)
-
     # --- internals -----------------------------------------------------------------------
 
-    def _validate(self, items, extra_tokens: list[int]) -> None:
+    def _admit(self, items, extra_tokens: list[int], check) -> list[EFTError | None]:
+        """Validate each item and reserve its share of the budget, in order, then apply the
+        rollbacks of the admitted ones. Per item: the error that refused it, or None. One
+        item's problem (a lost session, a full budget, a bad rollback) fails that item alone."""
         require(len(items) > 0, "items", "must hold at least one item")
-        seen, new_sessions, new_tokens = set(), 0, 0
+        answers, seen, sessions, tokens = [], set(), 0, 0
         for i, (item, extra) in enumerate(zip(items, extra_tokens)):
-            hosted = self._model(item.model, f"items[{i}].model")
-            require(isinstance(item.session_id, str) and item.session_id != "", f"items[{i}].session_id", "must be a non-empty string")
-            require((item.session_id, item.model) not in seen, f"items[{i}]", f"session {item.session_id!r} appears twice for model {item.model!r}")
+            try:
+                new_sessions, new_tokens = self._needs(i, item, extra)
+                check(i, item)
+                require((item.session_id, item.model) not in seen, f"items[{i}]", f"session {item.session_id!r} appears twice for model {item.model!r}")
+                self.store.reserve(sessions + new_sessions, tokens + new_tokens, f"items[{i}]")
+            except EFTError as error:
+                answers.append(error)
+                continue
             seen.add((item.session_id, item.model))
-            require(len(item.token_ids) > 0, f"items[{i}].token_ids", "must hold at least one token")
-            bad = [t for t in item.token_ids if not 0 <= t < hosted.tokenizer_size]
-            require(not bad, f"items[{i}].token_ids", f"ids {bad[:5]} outside the vocabulary [0, {hosted.tokenizer_size})")
-            session = self.store.peek(item.session_id, item.model)
-            held = kept = len(session.tokens) if session else 0
-            if item.truncate_to is not None:
-                require(session is not None and 0 <= item.truncate_to <= held, f"items[{i}].truncate_to", f"must be in [0, {held}] (the tokens this session holds), got {item.truncate_to}")
-                kept = item.truncate_to
-            length = kept + len(item.token_ids) + extra
-            if length > hosted.max_sequence_length:
-                raise ResourceExhaustedError(f"session would hold {length} tokens, over the model's {hosted.max_sequence_length}", field=f"items[{i}].token_ids")
-            new_sessions += session is None
-            new_tokens += len(item.token_ids) + extra - (held - kept)
-        self.store.reserve(new_sessions, new_tokens)
+            sessions, tokens = sessions + new_sessions, tokens + new_tokens
+            answers.append(None)
+        for item, answer in zip(items, answers):
+            if answer is None and item.truncate_to is not None:
+                self._truncate(item.session_id, item.model, item.truncate_to)
+        return answers
+
+    def _needs(self, i: int, item, extra: int) -> tuple[int, int]:
+        """The new sessions and cached tokens item ``i`` asks for (``extra``: tokens it adds
+        beyond its token_ids); raises what is wrong with it."""
+        hosted = self._model(item.model, f"items[{i}].model")
+        require(isinstance(item.session_id, str) and item.session_id != "", f"items[{i}].session_id", "must be a non-empty string")
+        require(len(item.token_ids) > 0, f"items[{i}].token_ids", "must hold at least one token")
+        bad = [t for t in item.token_ids if not 0 <= t < hosted.tokenizer_size]
+        require(not bad, f"items[{i}].token_ids", f"ids {bad[:5]} outside the vocabulary [0, {hosted.tokenizer_size})")
+        session = self.store.peek(item.session_id, item.model)
+        held = kept = len(session.tokens) if session else 0
+        if item.truncate_to is not None:
+            if session is None:
+                raise UnavailableError(f"session {item.session_id!r} holds no cache of model {item.model!r} (freed as idle, or this replica restarted)", field=f"items[{i}].truncate_to")
+            require(0 <= item.truncate_to <= held, f"items[{i}].truncate_to", f"must be in [0, {held}] (the tokens this session holds), got {item.truncate_to}")
+            kept = item.truncate_to
+        length = kept + len(item.token_ids) + extra
+        if length > hosted.max_sequence_length:
+            raise ResourceExhaustedError(f"session would hold {length} tokens, over the model's {hosted.max_sequence_length}", field=f"items[{i}].token_ids")
+        return int(session is None), len(item.token_ids) + extra - (held - kept)
 
     def _model(self, name: str, field_name: str) -> HostedModel:
         if name not in self.models:
@@ -191,19 +222,21 @@ class ModelWorker:
         return self.models[name]
 
     @staticmethod
-    def _by_model(items) -> dict[str, list[int]]:
+    def _by_model(items, answers: list) -> dict[str, list[int]]:
+        """The admitted items (no answer yet) by model."""
         rows = defaultdict(list)
-        for i, item in enumerate(items):
-            rows[item.model].append(i)
+        for i, (item, answer) in enumerate(zip(items, answers)):
+            if answer is None:
+                rows[item.model].append(i)
         return rows
 
     def _batch(self, model: str, items) -> tuple[PaddedBatch, list[Session]]:
         sessions = [self.store.peek(it.session_id, model) or Session() for it in items]
-        return PaddedBatch(self.models[model].model, [s.kv for s in sessions]), sessions
+        return PaddedBatch(self.models[model].model, [s.kv for s in sessions], self.max_forward_tokens), sessions
 
-    def _commit(self, model: str, items, batch: PaddedBatch, sessions: list[Session], drafts: dict | None = None) -> None:
+    def _commit(self, model: str, items, batch: PaddedBatch, sessions: list[Session], drafts: list[list[int]] | None = None) -> None:
         for row, (item, session) in enumerate(zip(items, sessions)):
-            drafted = (drafts or {}).get(item.session_id, [])[:-1]  # the last draft was never fed
+            drafted = drafts[row][:-1] if drafts else []  # the last draft was never fed
             session.tokens = session.tokens + list(item.token_ids) + drafted
             session.kv = batch.session_kv(row)
             assert session.kv.length == len(session.tokens), (session.kv.length, len(session.tokens))
@@ -214,8 +247,7 @@ class ModelWorker:
         Only rows still drafting draw random numbers, so a seeded row ignores its batch-mates."""
         generators = {row: g for row, (item, session) in enumerate(zip(items, sessions)) if (g := self._generator(item, session))}
         sampling = SamplingBatch.from_params([item.sampling for item in items], generators)
-        logits = batch.step([item.token_ids for item in items])
-        step_logits = logits[torch.arange(len(items)), torch.tensor([len(item.token_ids) - 1 for item in items])]
+        step_logits = batch.step([item.token_ids for item in items], [1] * len(items))[:, -1]
         if self.models[model].sliding_window and len({len(item.token_ids) for item in items}) > 1:
             batch.compact()  # the drafts below are fed one per row per step: no padding between them again
         tokens, kept = [[] for _ in items], [[] for _ in items]
@@ -233,7 +265,7 @@ class ModelWorker:
             feed = [[tokens[row][-1]] if step + 1 < item.num_draft else [] for row, item in enumerate(items)]
             if not any(feed):
                 break
-            step_logits = batch.step(feed)[:, 0]
+            step_logits = batch.step(feed, [len(f) for f in feed])[:, -1]
         return [(t, torch.stack(k)) for t, k in zip(tokens, kept)]
 
     def _generator(self, item: DraftItem, session: Session) -> torch.Generator | None:
@@ -244,6 +276,14 @@ class ModelWorker:
     def _wire(self, logits: torch.Tensor, model: str, dtype: torch.dtype) -> torch.Tensor:
         """Logits as they travel: the real vocabulary only, in the wire dtype, on the CPU."""
         return logits[..., : self.models[model].tokenizer_size].to("cpu", dtype)
+
+
+def _check_num_logits(i: int, item: ExtendItem) -> None:
+    require(0 <= item.num_logits <= len(item.token_ids), f"items[{i}].num_logits", f"must be in [0, {len(item.token_ids)}], got {item.num_logits}")
+
+
+def _check_num_draft(i: int, item: DraftItem) -> None:
+    require(isinstance(item.num_draft, int) and item.num_draft >= 1, f"items[{i}].num_draft", f"must be >= 1, got {item.num_draft}")
 
 
 def start_idle_reaper(worker: ModelWorker, idle_seconds: float) -> threading.Event:

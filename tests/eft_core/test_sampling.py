@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eft_core import InvalidArgumentError, SamplingBatch, SamplingParams, sample, sampling_probs
-from eft_core.sampling import top_k_mask, top_p_mask
+from eft_core.sampling import seeded_generator, stream_seed, top_k_mask, top_p_mask
 from tests.eft_core.helpers import perturbed, seeded, tv_distance
 
 
@@ -151,6 +151,16 @@ def test_same_seed_same_tokens_and_different_seed_different_tokens():
 
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+def test_a_requests_streams_are_distinct_and_reproducible():
+    """The drafter's stream is derived from the request's seed, never equal to the coordinator's."""
+    seeds = [0, 1, 5, 2**63 - 1]
+    assert [stream_seed(s, "draft") for s in seeds] == [stream_seed(s, "draft") for s in seeds]
+    assert all(0 <= stream_seed(s, "draft") < 2**63 and stream_seed(s, "draft") != s for s in seeds)
+    for seed in seeds:
+        coordinator, drafter = torch.rand(1000, generator=seeded_generator(seed)), torch.rand(1000, generator=seeded_generator(stream_seed(seed, "draft")))
+        assert abs(float(torch.corrcoef(torch.stack([coordinator, drafter]))[0, 1])) < 0.15  # independent draws, not the same numbers
 
 
 # --- properties ------------------------------------------------------------------------------

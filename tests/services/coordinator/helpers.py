@@ -30,6 +30,7 @@ def run(engine: Engine, requests: list[EngineRequest], joining: list[EngineReque
             joining = []
         engine.step(requests)
         steps += 1
+    engine.wait_released()
 
 
 def start_workers(family, transport: str):

@@ -64,7 +64,7 @@ def test_releasing_mid_generation_frees_every_session(workers, oracle, tokenizer
     engine.step(requests)
     engine.step(requests)
     assert sum(w.info().sessions for w in worker_objects) > 0
-    engine.release(requests)  # what cancellation and deadlines do
+    engine.release(requests).result()  # what cancellation and deadlines do
     assert [w.info().sessions for w in worker_objects] == [0, 0]
 
 
@@ -126,6 +126,7 @@ def test_replica_changes_apply_to_new_requests_and_an_empty_group_is_unavailable
     engine.set_replicas(pair_models, [gone])
     failed = make_request(1, "upscaled", questions(quick_family)[0], tokenizers, params)
     engine.step([failed])  # the pair's call fails, the base's succeeds; releasing on the dead replica is logged, not raised
+    engine.wait_released()
     assert failed.error.code == "UNAVAILABLE" and failed.placement == {}
     assert sum(w.info().sessions for w in worker_objects) == 0
 

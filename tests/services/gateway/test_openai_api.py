@@ -34,7 +34,7 @@ def server(quick_family, oracle, tokenizers):
     scheduler = Scheduler(Engine(placement, oracle.vocab_sizes, metrics=metrics), max_running=8, max_waiting=2)
     gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=40, max_request_bytes=MAX_REQUEST_BYTES), metrics)
     metrics.add_state(scheduler_state(scheduler))
-    metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}))
+    metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}, lambda client: None))
     http, port = start_http_server(create_app(gateway), "127.0.0.1", 0)
     grpc_server, grpc_port = create_server(gateway, "127.0.0.1:0")
     metrics_server, metrics_port = metrics.serve("127.0.0.1", 0)

@@ -1,5 +1,6 @@
 import pytest
 
+from services.worker.api import WorkerLimits
 from services.worker.client import GrpcWorkerClient, InProcessWorkerClient
 from services.worker.server import create_server
 from services.worker.worker import ModelWorker, load_hosted_model
@@ -16,7 +17,7 @@ def hosted(quick_family):
 
 @pytest.fixture
 def worker(hosted):
-    return ModelWorker(hosted, max_sessions=16, max_cached_tokens=400)
+    return ModelWorker(hosted, WorkerLimits(max_sessions=16, max_cached_tokens=400))
 
 
 @pytest.fixture(params=["grpc", "in-process"])

@@ -11,7 +11,7 @@ from eft_core import Composition, Delta, InvalidArgumentError, SamplingParams
 from services.coordinator.engine import Engine, EngineRequest
 from services.oracle import LoadedModel, OracleEngine, load_model
 from services.prompts import render_prompt
-from services.worker.api import DraftItem, ExtendItem
+from services.worker.api import DraftItem, ExtendItem, WorkerLimits
 from services.worker.architectures import SUPPORTED_MODEL_TYPES
 from services.worker.client import InProcessWorkerClient
 from services.worker.worker import ModelWorker, load_hosted_model
@@ -21,6 +21,7 @@ from tests.services.worker.test_worker import full_logits, sequences
 WINDOW = 4  # sliding-window models: sessions below run well past it
 PADDED_VOCAB = 640  # the tokenizer has 600: real checkpoints pad their embeddings
 ATOL = 1e-4
+CHUNKED = WorkerLimits(max_forward_tokens=8)  # rows x width: prefills of these sessions take several forwards
 
 
 def _attention(**extra) -> dict:
@@ -75,7 +76,7 @@ def hosted(architecture):
 
 
 def test_ragged_batched_extend_equals_each_sessions_full_forward(hosted):
-    worker = ModelWorker([hosted])
+    worker = ModelWorker([hosted], CHUNKED)
     seqs = sequences(hosted.tokenizer_size, lengths=(5, 11, 2, 8, 17))
     assert max(map(len, seqs.values())) > 3 * WINDOW
     got = {name: [] for name in seqs}
@@ -99,7 +100,7 @@ def test_truncate_then_extend_equals_recomputation(hosted):
 
 
 def test_greedy_draft_equals_hf_generate(hosted):
-    worker = ModelWorker([hosted])
+    worker = ModelWorker([hosted], CHUNKED)
     seqs = sequences(hosted.tokenizer_size, lengths=(4, 9, 6))
     items = [DraftItem(name, "base", tokens, k, SamplingParams(temperature=0)) for (name, tokens), k in zip(seqs.items(), (6, 2, 4))]
     for item, result in zip(items, worker.draft(items)):

@@ -49,14 +49,18 @@ def test_raw_bad_requests_get_precise_statuses(address):
         cases = [
             (stub.Extend, worker_pb2.ExtendRequest(items=[worker_pb2.ExtendItem(session_id="s", model="large", token_ids=[1])], logits_dtype=42), grpc.StatusCode.INVALID_ARGUMENT, "logits_dtype"),
             (stub.Draft, worker_pb2.DraftRequest(items=[worker_pb2.DraftItem(session_id="s", model="large", token_ids=[1], num_draft=2, sampling=worker_pb2.DraftSampling(top_p=1.5))]), grpc.StatusCode.INVALID_ARGUMENT, "items[0].sampling.top_p"),
-            (stub.Draft, worker_pb2.DraftRequest(items=[worker_pb2.DraftItem(session_id="s", model="ghost", token_ids=[1], num_draft=2)]), grpc.StatusCode.NOT_FOUND, "items[0].model"),
             (stub.Truncate, worker_pb2.TruncateRequest(session_id="nobody", model="large", length=0), grpc.StatusCode.NOT_FOUND, "session_id"),
         ]
         for method, request, code, field in cases:
             with pytest.raises(grpc.RpcError) as error:
                 method(request, timeout=10)
             assert error.value.code() == code and field in error.value.details(), error.value.details()
-        assert stub.Info(worker_pb2.InfoRequest(), timeout=10).sessions == 0
+        mixed = worker_pb2.DraftRequest(items=[worker_pb2.DraftItem(session_id="s", model=m, token_ids=[1], num_draft=2) for m in ("ghost", "large")])
+        response = stub.Draft(mixed, timeout=10)  # one item's error, the other's drafts
+        (error,) = response.errors
+        assert (error.index, error.code, "items[0].model" in error.message) == (0, grpc.StatusCode.NOT_FOUND.value[0], True), error
+        assert len(response.results[1].draft_tokens) == 2 and response.results[1].cache_length == 2
+        assert stub.Info(worker_pb2.InfoRequest(), timeout=10).sessions == 1
 
 
 def test_a_message_limit_sized_for_the_logits(worker):

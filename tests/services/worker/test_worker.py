@@ -1,10 +1,12 @@
 """The worker's verbs, through both transports (a real gRPC server on 127.0.0.1:0, and in process)."""
 
+import re
+
 import pytest
 import torch
 from transformers import GenerationConfig
 
-from eft_core import InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
+from eft_core import InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams, UnavailableError
 from services.worker.api import DraftItem, ExtendItem
 
 def sequences(vocab: int, lengths=(5, 11, 2, 8), seed=0) -> dict[str, list[int]]:
@@ -60,14 +62,16 @@ def test_a_rollback_riding_on_extend_and_draft_equals_truncate_first(client, hos
     torch.testing.assert_close(drafted.logits[0], full_logits(large(hosted), seqs["s1"][:2] + [6])[-1], rtol=0, atol=1e-5)
 
 
-def test_a_bad_rollback_is_refused_and_changes_nothing(client):
+def test_a_bad_or_lost_rollback_fails_its_item_alone_and_changes_nothing(client):
     client.extend([ExtendItem("t", "large", [1, 2, 3])])
-    with pytest.raises(InvalidArgumentError, match=r"items\[1\].truncate_to: must be in \[0, 3\]"):
-        client.extend([ExtendItem("u", "large", [4]), ExtendItem("t", "large", [4], truncate_to=5)])
-    with pytest.raises(InvalidArgumentError, match=r"items\[0\].truncate_to: must be in \[0, 0\]"):
-        client.extend([ExtendItem("new", "large", [4], truncate_to=0)])
+    served, bad = client.extend([ExtendItem("u", "large", [4]), ExtendItem("t", "large", [4], truncate_to=5)])
+    assert isinstance(bad, InvalidArgumentError) and re.search(r"items\[1\].truncate_to: must be in \[0, 3\]", str(bad)), bad
+    assert served.cache_length == 1
+    lost, served = client.extend([ExtendItem("gone", "large", [4], truncate_to=0), ExtendItem("u", "large", [5])])
+    assert isinstance(lost, UnavailableError) and "items[0].truncate_to" in str(lost) and "holds no cache" in str(lost), lost
+    assert served.cache_length == 2
     info = client.info()
-    assert (info.sessions, info.cached_tokens) == (1, 3)  # neither the other item nor the rollback happened
+    assert (info.sessions, info.cached_tokens) == (2, 5)  # "t" kept its 3 tokens: its refused rollback did not happen
 
 
 def test_logits_drop_padding_rows_and_honour_the_wire_dtype(client, hosted):
@@ -168,48 +172,52 @@ def test_the_idle_reaper_frees_an_abandoned_session_in_the_background(worker):
         stop.set()
 
 
-def test_over_budget_is_resource_exhausted_and_harms_nobody(client, hosted):
+def test_over_budget_fails_only_the_items_beyond_it(client, hosted):
     tokens = [3 + i % 50 for i in range(60)]
-    first = client.extend([ExtendItem("a", "large", tokens[:40])])[0]  # budget: 400 tokens, 16 sessions
-    with pytest.raises(ResourceExhaustedError, match="budget 400"):
-        client.extend([ExtendItem(f"b{i}", "large", tokens[:60 - 3]) for i in range(7)] + [ExtendItem("a", "large", [5])])
+    client.extend([ExtendItem("a", "large", tokens[:40])])  # budget: 400 tokens, 16 sessions
+    answers = client.extend([ExtendItem(f"b{i}", "large", tokens[:57]) for i in range(7)] + [ExtendItem("a", "large", [5])])
+    assert [isinstance(a, ResourceExhaustedError) for a in answers] == [False] * 6 + [True, False]  # 40 + 6 x 57 + 1 fit, a seventh 57 does not
+    assert "items[6]" in str(answers[6]) and "budget 400" in str(answers[6])
     info = client.info()
-    assert (info.sessions, info.cached_tokens) == (1, 40)  # nothing from the refused call stayed
-    with pytest.raises(ResourceExhaustedError, match="sessions held"):
-        client.extend([ExtendItem(f"c{i}", "small", [3]) for i in range(16)])
-    after = client.extend([ExtendItem("a", "large", [5])])[0]
-    torch.testing.assert_close(after.logits, full_logits(large(hosted), tokens[:40] + [5])[-1:], rtol=0, atol=1e-5)
-    assert first.cache_length == 40
+    assert (info.sessions, info.cached_tokens) == (7, 40 + 6 * 57 + 1)
+    torch.testing.assert_close(answers[7].logits, full_logits(large(hosted), tokens[:40] + [5])[-1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(answers[5].logits, full_logits(large(hosted), tokens[:57])[-1:], rtol=0, atol=1e-5)
+    client.release([f"b{i}" for i in range(6)])
+    answers = client.extend([ExtendItem(f"c{i}", "small", [3]) for i in range(16)])  # "a" holds one of the 16
+    assert [i for i, a in enumerate(answers) if isinstance(a, ResourceExhaustedError)] == [15] and "sessions held" in str(answers[15])
 
 
 def test_longer_than_the_model_is_resource_exhausted(client, hosted):
     limit = large(hosted).max_sequence_length
-    with pytest.raises(ResourceExhaustedError, match=f"over the model's {limit}"):
-        client.extend([ExtendItem("long", "large", [3] * (limit + 1))])
+    answer = client.extend([ExtendItem("long", "large", [3] * (limit + 1))])[0]
+    assert isinstance(answer, ResourceExhaustedError) and f"over the model's {limit}" in str(answer)
 
 
 # --- bad requests ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "items, error, field",
+    "item, error, field",
     [
-        ([ExtendItem("s", "nope", [1])], NotFoundError, "items[0].model"),
-        ([ExtendItem("s", "large", [])], InvalidArgumentError, "items[0].token_ids"),
-        ([ExtendItem("s", "large", [1, 10_000])], InvalidArgumentError, "items[0].token_ids"),
-        ([ExtendItem("s", "large", [1, -1])], InvalidArgumentError, "items[0].token_ids"),
-        ([ExtendItem("s", "large", [1, 2], num_logits=3)], InvalidArgumentError, "items[0].num_logits"),
-        ([ExtendItem("s", "large", [1]), ExtendItem("s", "large", [2])], InvalidArgumentError, "items[1]"),
-        ([ExtendItem("", "large", [1])], InvalidArgumentError, "items[0].session_id"),
-        ([], InvalidArgumentError, "items"),
+        (ExtendItem("s", "nope", [1]), NotFoundError, "items[1].model"),
+        (ExtendItem("s", "large", []), InvalidArgumentError, "items[1].token_ids"),
+        (ExtendItem("s", "large", [1, 10_000]), InvalidArgumentError, "items[1].token_ids"),
+        (ExtendItem("s", "large", [1, -1]), InvalidArgumentError, "items[1].token_ids"),
+        (ExtendItem("s", "large", [1, 2], num_logits=3), InvalidArgumentError, "items[1].num_logits"),
+        (ExtendItem("fine", "large", [2]), InvalidArgumentError, "items[1]: session 'fine' appears twice"),
+        (ExtendItem("", "large", [1]), InvalidArgumentError, "items[1].session_id"),
     ],
 )
-def test_bad_extend_requests_map_to_their_status_and_the_worker_keeps_serving(client, items, error, field):
-    with pytest.raises(error) as raised:
-        client.extend(items)
-    assert field in str(raised.value)
-    assert client.extend([ExtendItem("fine", "large", [1, 2])])[0].cache_length == 2
+def test_a_bad_item_gets_its_status_and_its_batch_mate_is_served(client, item, error, field):
+    served, refused = client.extend([ExtendItem("fine", "large", [1, 2]), item])
+    assert isinstance(refused, error) and field in str(refused), refused
+    assert served.cache_length == 2
     assert client.info().sessions == 1
+
+
+def test_a_call_without_items_is_refused_whole(client):
+    with pytest.raises(InvalidArgumentError, match="items: must hold at least one item"):
+        client.extend([])
 
 
 def test_bad_truncate_and_draft_requests(client):
@@ -218,6 +226,6 @@ def test_bad_truncate_and_draft_requests(client):
     client.extend([ExtendItem("t", "large", [1, 2, 3])])
     with pytest.raises(InvalidArgumentError, match=r"length: must be in \[0, 3\]"):
         client.truncate("t", "large", 4)
-    with pytest.raises(InvalidArgumentError, match="num_draft"):
-        client.draft([DraftItem("t", "large", [4], 0)])
+    refused = client.draft([DraftItem("t", "large", [4], 0)])[0]
+    assert isinstance(refused, InvalidArgumentError) and "items[0].num_draft" in str(refused)
     assert client.info().cached_tokens == 3
