@@ -63,12 +63,15 @@ class PaddedBatch:
     @torch.inference_mode()
     def step(self, tokens: list[list[int]], keep: list[int]) -> torch.Tensor:  # [rows, max(keep), padded vocab]
         """Append each row's tokens (a row may append none) and return the logits of its last
-        ``keep[row]`` new positions, right-aligned: row r's are ``[r, -keep[r]:]`` (zeros before).
+        ``keep[row]`` new positions, right-aligned: row r's are ``[r, -keep[r]:]``.
         Fed in chunks of ``max_forward_tokens // rows`` positions per row (at least one)."""
         rows, width = len(tokens), max(1, self.max_forward_tokens // len(tokens))
         kept = [range(len(t) - k, len(t)) for t, k in zip(tokens, keep)]  # positions within each row's new tokens
+        longest = max(len(t) for t in tokens)
+        if longest <= width:  # one forward: its logits are the answer
+            return self._forward(tokens, [list(positions) for positions in kept])
         out = None
-        for start in range(0, max(len(t) for t in tokens), width):
+        for start in range(0, longest, width):
             here = [[p - start for p in positions if start <= p < start + width] for positions in kept]
             logits = self._forward([t[start : start + width] for t in tokens], here)
             if out is None:
@@ -76,20 +79,25 @@ class PaddedBatch:
             for row, (positions, offsets) in enumerate(zip(kept, here)):
                 if offsets:  # slot of the row's first kept position in this chunk, counted from the right
                     first = out.shape[1] - len(positions) + offsets[0] + start - positions.start
-                    out[row, first : first + len(offsets)] = logits[row, : len(offsets)]
+                    out[row, first : first + len(offsets)] = logits[row, logits.shape[1] - len(offsets) :]
         return out
 
     def _forward(self, tokens: list[list[int]], heads: list[list[int]]) -> torch.Tensor:  # [rows, most heads, padded vocab]
-        """One forward of each row's tokens; logits only at each row's ``heads`` offsets."""
+        """One forward of each row's tokens; logits only at each row's ``heads`` offsets,
+        right-aligned (a row with fewer repeats its first on the left)."""
         width, most = max(len(t) for t in tokens), max(len(h) for h in heads)
         device = self.model.device
         ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=device)
         new_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], device=device)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         positions = torch.tensor([[n + j for j in range(width)] for n in self.lengths], device=device)
-        index = torch.tensor([h + [h[-1] if h else 0] * (most - len(h)) for h in heads], dtype=torch.long, device=device)
-        with _head_only_at(self.model, index):
+        every = list(range(width))
+        if all(h == every for h in heads):  # every position of every row (a uniform decode step): nothing to pick
             out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache))
+        else:
+            index = torch.tensor([[h[0] if h else 0] * (most - len(h)) + h for h in heads], dtype=torch.long, device=device)
+            with _head_only_at(self.model, index):
+                out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, **cache_kwargs(self.model, self.cache))
         self.lengths = [n + len(t) for n, t in zip(self.lengths, tokens)]
         return out.logits
 

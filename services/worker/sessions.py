@@ -40,12 +40,18 @@ class SessionStore:
     def peek(self, session_id: str, model: str) -> Session | None:
         return self._sessions.get((session_id, model))
 
-    def reserve(self, new_sessions: int, new_tokens: int, field: str) -> None:
-        """Refuse, before any work, what would go over the budget (``field``: whose ask it is)."""
-        if len(self) + new_sessions > self.max_sessions:
-            raise OverloadedError(f"{len(self)} sessions held, {new_sessions} more asked, budget {self.max_sessions}", field=field)
-        if self.cached_tokens + new_tokens > self.max_cached_tokens:
-            raise OverloadedError(f"{self.cached_tokens} tokens cached, {new_tokens} more asked, budget {self.max_cached_tokens}", field=field)
+    def usage(self) -> tuple[int, int]:
+        """Sessions and cached tokens held now."""
+        return len(self), self.cached_tokens
+
+    def reserve(self, usage: tuple[int, int], new_sessions: int, new_tokens: int, field: str) -> None:
+        """Refuse, before any work, what would go over the budget from ``usage`` (taken once
+        per call: counting the tokens walks every session); ``field``: whose ask it is."""
+        sessions, tokens = usage
+        if sessions + new_sessions > self.max_sessions:
+            raise OverloadedError(f"{sessions} sessions held, {new_sessions} more asked, budget {self.max_sessions}", field=field)
+        if tokens + new_tokens > self.max_cached_tokens:
+            raise OverloadedError(f"{tokens} tokens cached, {new_tokens} more asked, budget {self.max_cached_tokens}", field=field)
 
     def put(self, session_id: str, model: str, session: Session) -> None:
         self._sessions[session_id, model] = session

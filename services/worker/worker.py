@@ -178,13 +178,13 @@ class ModelWorker:
         rollbacks of the admitted ones. Per item: the error that refused it, or None. One
         item's problem (a lost session, a full budget, a bad rollback) fails that item alone."""
         require(len(items) > 0, "items", "must hold at least one item")
-        answers, seen, sessions, tokens = [], set(), 0, 0
+        answers, seen, sessions, tokens, usage = [], set(), 0, 0, self.store.usage()
         for i, (item, extra) in enumerate(zip(items, extra_tokens)):
             try:
                 new_sessions, new_tokens = self._needs(i, item, extra)
                 check(i, item)
                 require((item.session_id, item.model) not in seen, f"items[{i}]", f"session {item.session_id!r} appears twice for model {item.model!r}")
-                self.store.reserve(sessions + new_sessions, tokens + new_tokens, f"items[{i}]")
+                self.store.reserve(usage, sessions + new_sessions, tokens + new_tokens, f"items[{i}]")
             except EFTError as error:
                 answers.append(error)
                 continue
