@@ -33,12 +33,17 @@ def eft_logprobs(
     scored = real_vocab_logits({m: _logits_of(logits, m) for m in models}, vocab_size)
     batch = scored[composition.base].shape[0]
     coefficients = model_coefficients(composition, weights_matrix(composition, weights, batch))
-    z = torch.zeros_like(scored[composition.base], dtype=torch.float32)
+    z = None
     for index, model in enumerate(models):
         c = coefficients[:, index, None, None]  # [batch, 1, 1]
-        # a zero coefficient contributes an exact 0, never 0 * -inf = nan
-        z += torch.where(c == 0, 0.0, c * scored[model].float())
-    return torch.log_softmax(z, dim=-1)
+        if bool((c == 0).any()):  # a zero coefficient contributes an exact 0, never 0 * -inf = nan
+            term = torch.where(c == 0, 0.0, c * scored[model].float())
+            z = term if z is None else z.add_(term)
+        elif z is None:
+            z = scored[model].float() * c  # the first term makes the sum: no zero-filled start
+        else:
+            z.addcmul_(c, scored[model])  # in place: no [batch, positions, vocab] temporary
+    return torch.log_softmax(z, dim=-1)  # not z - logsumexp(z): the identities hold bit for bit against log_softmax
 
 
 def model_coefficients(
@@ -105,19 +110,18 @@ def real_vocab_logits(
 
 
 def implicit_rewards(
-    logits: Mapping[str, torch.Tensor],  # model name -> [batch, positions, vocab_m]
+    logits: Mapping[str, torch.Tensor],  # model name -> [batch, positions, vocab_m] (the deltas' models at least)
     composition: Composition,
     tokens: torch.Tensor,  # [batch, positions] chosen token ids
     vocab_size: int | None = None,
 ) -> torch.Tensor:  # [batch, positions, n_deltas] float32
-    """Per-token implicit reward of each delta: ``l_tuned(y) - l_reference(y)``."""
-    scored = real_vocab_logits({m: _logits_of(logits, m) for m in composition.scored_models}, vocab_size)
+    """Per-token implicit reward of each delta: ``l_tuned(y) - l_reference(y)``, each model's
+    ``l(y)`` a gather minus its normaliser (no log-softmax of the vocabulary), once per model."""
+    models = list(dict.fromkeys(m for d in composition.deltas for m in (d.tuned, d.reference)))
+    scored = real_vocab_logits({m: _logits_of(logits, m) for m in models}, vocab_size)
     index = tokens.long().unsqueeze(-1)
-
-    def chosen_logprob(model: str) -> torch.Tensor:  # [batch, positions]
-        return torch.log_softmax(scored[model].float(), dim=-1).gather(-1, index).squeeze(-1)
-
-    rewards = [chosen_logprob(d.tuned) - chosen_logprob(d.reference) for d in composition.deltas]
+    chosen = {m: x.gather(-1, index).squeeze(-1).float() - torch.logsumexp(x.float(), dim=-1) for m, x in scored.items()}  # [batch, positions]
+    rewards = [chosen[d.tuned] - chosen[d.reference] for d in composition.deltas]
     return torch.stack(rewards, dim=-1) if rewards else torch.zeros(*tokens.shape, 0)
 
 

@@ -113,21 +113,40 @@ def sampling_probs(
     batch: SamplingBatch,
     nucleus_logprobs: torch.Tensor | None = None,  # [rows, vocab] for conservative top-p rows
 ) -> torch.Tensor:  # [rows, vocab] float32: the distribution each row samples from
-    """Apply temperature, top-k and top-p; greedy rows become one-hot on their best kept token."""
+    """Apply temperature, top-k and top-p; greedy rows become one-hot on their best kept token.
+    A step no row needs is skipped: each is a pass over [rows, vocab]."""
     assert logprobs.dim() == 2 and logprobs.shape[0] == batch.rows, logprobs.shape
     if batch.all_greedy:  # the fast path; the same one-hot as below
         return one_hot_argmax(logprobs.float()).float()
-    temperature = torch.where(batch.temperature == 0, FILTER_TEMPERATURE_WHEN_GREEDY, batch.temperature)[:, None]
-    scaled = logprobs.float() / temperature
-    scaled = scaled.masked_fill(~top_k_mask(scaled, batch.top_k), -math.inf)
-    keep = top_p_mask(scaled, batch.top_p)
-    if nucleus_logprobs is not None and bool(batch.conservative.any()):
-        nucleus = top_p_mask(nucleus_logprobs.float() / temperature, batch.top_p)
-        keep = torch.where(batch.conservative[:, None], nucleus & torch.isfinite(scaled), keep)
-    keep |= ~keep.any(dim=-1, keepdim=True) & one_hot_argmax(scaled)  # empty set: keep the best
-    probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
-    greedy = (batch.temperature == 0)[:, None]
-    return torch.where(greedy, one_hot_argmax(probs).float(), probs)
+    scaled = logprobs.float()
+    if not bool((batch.temperature == 1).all()):
+        scaled = scaled / torch.where(batch.temperature == 0, FILTER_TEMPERATURE_WHEN_GREEDY, batch.temperature)[:, None]
+    if not bool((batch.top_k <= 0).all()):
+        scaled = scaled.masked_fill(~top_k_mask(scaled, batch.top_k), -math.inf)
+    conservative = nucleus_logprobs is not None and bool(batch.conservative.any())
+    if bool((batch.top_p < 1).any()) or conservative:
+        keep = top_p_mask(scaled, batch.top_p)
+        if conservative:
+            temperature = torch.where(batch.temperature == 0, FILTER_TEMPERATURE_WHEN_GREEDY, batch.temperature)[:, None]
+            nucleus = top_p_mask(nucleus_logprobs.float() / temperature, batch.top_p)
+            keep = torch.where(batch.conservative[:, None], nucleus & torch.isfinite(scaled), keep)
+            keep |= ~keep.any(dim=-1, keepdim=True) & one_hot_argmax(scaled)  # an empty set keeps the best
+        scaled = scaled.masked_fill(~keep, -math.inf)
+    probs = torch.softmax(scaled, dim=-1)
+    greedy = batch.temperature == 0
+    if bool(greedy.any()):
+        probs = torch.where(greedy[:, None], one_hot_argmax(probs).float(), probs)
+    return probs
+
+
+def draft_distribution(
+    logits: torch.Tensor,  # [rows, vocab] the drafter's logits as they travel
+    batch: SamplingBatch,
+) -> torch.Tensor:  # [rows, vocab] q
+    """The distribution a drafter samples its drafts from. The worker draws each draft from
+    it and the coordinator's acceptance divides by it: exactness needs the two to compute it
+    identically, from the same logits, so both call this."""
+    return sampling_probs(torch.log_softmax(logits.float(), dim=-1), batch)
 
 
 def top_k_mask(
@@ -143,13 +162,41 @@ def top_k_mask(
     return rank < k[:, None]
 
 
+TOP_P_CANDIDATES = 1024  # the most probable tokens looked at first; a nucleus beyond them takes the full sort
+
+
 def top_p_mask(
     logits: torch.Tensor,  # [rows, vocab] (log-probabilities up to a constant; -inf = excluded)
     top_p: torch.Tensor,  # [rows] float32 in (0, 1], 1 = keep all
 ) -> torch.Tensor:  # [rows, vocab] bool: smallest most-probable set with mass >= top_p
+    """The mask ``top_p_mask_by_sort`` gives, bit for bit, from the TOP_P_CANDIDATES most
+    probable tokens where they settle it: the nucleus ends inside them, and not inside a
+    run of equal probabilities (where the stable sort's lower-index-first rule decides).
+    Other rows take the full sort. A real model's nucleus is a few hundred tokens at most,
+    so most rows skip sorting the whole vocabulary."""
     if bool((top_p >= 1).all()):  # no row filters: skip the sort
         return torch.ones_like(logits, dtype=torch.bool)
     probs = torch.softmax(logits, dim=-1)
+    values, index = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
+    keep = (torch.cumsum(values, dim=-1) - values) < top_p[:, None]  # the same partial sums as over the sorted vocabulary
+    kept = keep.sum(dim=-1, keepdim=True)
+    last, first_dropped = values.gather(-1, kept - 1), values.gather(-1, kept.clamp(max=values.shape[-1] - 1))
+    settled = ((kept < values.shape[-1]) & (first_dropped < last)).squeeze(-1) | (top_p >= 1)
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep | (top_p[:, None] >= 1))
+    mask[top_p >= 1] = True
+    if not bool(settled.all()):
+        mask[~settled] = _nucleus_by_sort(probs[~settled], top_p[~settled])
+    return mask
+
+
+def top_p_mask_by_sort(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The definition: sort the whole vocabulary (stable, so ties go to the lower token id)."""
+    if bool((top_p >= 1).all()):
+        return torch.ones_like(logits, dtype=torch.bool)
+    return _nucleus_by_sort(torch.softmax(logits, dim=-1), top_p)
+
+
+def _nucleus_by_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
@@ -164,9 +211,18 @@ def sample_from_probs(
     probs: torch.Tensor,  # [rows, vocab], rows sum to 1
     generators: dict[int, torch.Generator],
 ) -> torch.Tensor:  # [rows] int64
-    """Exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i."""
-    race = per_row_random(probs.shape, generators, lambda t, g: t.exponential_(generator=g))
-    return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    """Inverse transform: one uniform u per row, the first token whose cumulative mass
+    exceeds u (times the row's total). One draw per row, where an exponential race would
+    draw one per token: on a CPU, generating a vocabulary's worth of random numbers costs
+    ten times the cumulative sum."""
+    cumulative = torch.cumsum(probs, dim=-1)
+    u = per_row_random((probs.shape[0], 1), generators, lambda t, g: t.uniform_(generator=g)) * cumulative[:, -1:]
+    tokens = torch.searchsorted(cumulative, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    stray = probs.gather(-1, tokens[:, None])[:, 0] <= 0  # rounding put u at the very end: the last token with mass
+    if bool(stray.any()):
+        last = probs.shape[-1] - 1 - (probs[stray].flip(-1) > 0).int().argmax(dim=-1)
+        tokens[stray] = last
+    return tokens
 
 
 def per_row_random(shape: tuple[int, ...], generators: dict[int, torch.Generator], fill) -> torch.Tensor:

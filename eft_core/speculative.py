@@ -69,6 +69,73 @@ def accept_drafts(
     return AcceptedDrafts(num_accepted, _output_tokens(draft_tokens.long(), num_accepted, next_token))
 
 
+def accept_ragged(
+    draft_tokens: list[list[int]],  # per row its k_b drafts (k_b may be 0: plain sampling)
+    target_probs: torch.Tensor,  # [sum(k_b + 1), vocab] p: each row's k_b + 1 positions, row after row
+    draft_probs: torch.Tensor,  # [sum(k_b), vocab] q: each row's k_b positions, row after row
+    generators: dict[int, torch.Generator],  # seeded rows' generators
+) -> list[list[int]]:  # per row: its accepted drafts, then the recovered or bonus token
+    """``accept_drafts`` for rows of different draft lengths without padding them, so the
+    coordinator decides every request of a batch at once. The same rule and the same random
+    numbers per row: k_b uniforms, then the next token's draw, from the row's generator; a
+    seeded row's output is the one ``accept_drafts`` gives it alone, and a row with k_b = 0
+    is plain sampling from p."""
+    counts = torch.tensor([len(d) for d in draft_tokens], dtype=torch.int64)
+    batch, k = len(draft_tokens), int(counts.max()) if draft_tokens else 0
+    p_start = torch.cumsum(counts + 1, dim=0) - (counts + 1)  # each row's first target position
+    q_start = torch.cumsum(counts, dim=0) - counts
+    drafts = torch.tensor([d + [0] * (k - len(d)) for d in draft_tokens], dtype=torch.int64).reshape(batch, k)
+    valid = torch.arange(k) < counts[:, None]
+    p_rows = torch.where(valid, p_start[:, None] + torch.arange(k), 0)
+    q_rows = torch.where(valid, q_start[:, None] + torch.arange(k), 0)
+    p_draft = target_probs[p_rows, drafts] if k else torch.zeros(batch, 0)
+    q_draft = draft_probs[q_rows, drafts] if k else torch.zeros(batch, 0)
+    uniform = _ragged_uniforms(counts, k, generators)
+    accepted = (uniform * q_draft < p_draft) & valid
+    num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
+    p_next = target_probs[p_start + num_accepted]
+    rejected = num_accepted < counts
+    q_next = torch.where(rejected[:, None], draft_probs[torch.where(rejected, q_start + num_accepted, 0)], 0.0) if draft_probs.shape[0] else torch.zeros_like(p_next)
+    residual = (p_next - q_next).clamp_min(0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    next_token = sample_from_probs(residual, generators)
+    return [d[:n] + [int(t)] for d, n, t in zip(draft_tokens, num_accepted.tolist(), next_token)]
+
+
+def accept_greedy_ragged(
+    draft_tokens: list[list[int]],  # per row its k_b drafts
+    target_argmax: torch.Tensor,  # [sum(k_b + 1)] the target's greedy token per position, row after row
+) -> list[list[int]]:
+    """``accept_drafts_greedy`` for rows of different draft lengths, unpadded."""
+    out, start = [], 0
+    best = target_argmax.tolist()
+    for drafts in draft_tokens:
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == best[start + accepted]:
+            accepted += 1
+        out.append(drafts[:accepted] + [best[start + accepted]])
+        start += len(drafts) + 1
+    return out
+
+
+def _ragged_uniforms(counts: torch.Tensor, k: int, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """[rows, k] uniforms: row b's first counts[b] from its generator (or the global one);
+    the rest are never read."""
+    values = torch.zeros(len(counts), k)
+    unseeded = [b for b in range(len(counts)) if b not in generators and counts[b] > 0]
+    for row, generator in generators.items():
+        if counts[row] > 0:
+            values[row, : counts[row]].uniform_(generator=generator)
+    if unseeded:
+        rest = torch.rand(int(counts[unseeded].sum()))
+        offset = 0
+        for row in unseeded:
+            values[row, : counts[row]] = rest[offset : offset + counts[row]]
+            offset += int(counts[row])
+    return values
+
+
 def accept_drafts_greedy(
     draft_tokens: torch.Tensor,  # [batch, k] int64 (padding past num_draft)
     num_draft: torch.Tensor,  # [batch] int64 in [0, k]

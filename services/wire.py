@@ -4,6 +4,7 @@ The one place that converts between torch tensors and ``eft.v1.Tensor`` messages
 """
 
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -39,16 +40,20 @@ def to_wire(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> worker_
 
 
 def from_wire(message: worker_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
-    """Decode a Tensor message; a size that disagrees with the shape is refused."""
+    """Decode a Tensor message; a size that disagrees with the shape is refused. The tensor
+    is a read-only view of the message's bytes: no copy beyond the one reading the field
+    makes (every access of a bytes field copies, so it is read once)."""
     require(message.dtype in _FROM_WIRE, f"{field}.dtype", f"unknown dtype {message.dtype}")
     dtype, numpy_dtype = _FROM_WIRE[message.dtype]
-    shape = tuple(message.shape)
+    shape, data = tuple(message.shape), message.data
     require(all(d >= 0 for d in shape), f"{field}.shape", f"negative dimension in {shape}")
     itemsize = np.dtype(numpy_dtype).itemsize
-    require(len(message.data) == int(np.prod(shape, dtype=np.int64)) * itemsize, f"{field}.data", f"{len(message.data)} bytes do not fit shape {shape} of {dtype}")
-    array = np.frombuffer(message.data, dtype=numpy_dtype).reshape(shape)
-    if sys.byteorder != "little":
-        array = array.astype(array.dtype.newbyteorder("="))
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+    require(len(data) == int(np.prod(shape, dtype=np.int64)) * itemsize, f"{field}.data", f"{len(data)} bytes do not fit shape {shape} of {dtype}")
+    if sys.byteorder != "little":  # swap into a copy
+        array = np.frombuffer(data, dtype=numpy_dtype).reshape(shape).astype(np.dtype(numpy_dtype).newbyteorder("="))
+        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16) if dtype == torch.bfloat16 else torch.from_numpy(array)
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": the tensor is read-only, never written in place
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)

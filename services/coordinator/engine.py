@@ -41,10 +41,11 @@ import torch
 
 from eft_core import (
     Composition, DeadlineExceededError, EFTError, InternalError, InvalidArgumentError, NotFoundError, OverloadedError, ResourceExhaustedError, SamplingBatch,
-    SamplingParams, SpeculationStats, UnavailableError, accept_drafts, eft_logprobs, implicit_rewards, sample,
+    SamplingParams, SpeculationStats, UnavailableError, eft_logprobs, implicit_rewards,
 )  # fmt: skip
 from eft_core.draft_length import AcceptanceEstimate, best_draft_k
-from eft_core.sampling import sampling_probs, seeded_generator, stream_seed
+from eft_core.sampling import draft_distribution, sampling_probs, seeded_generator, stream_seed
+from eft_core.speculative import accept_greedy_ragged, accept_ragged
 from services.coordinator.health import CallPolicy, ReplicaHealth
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import WorkerClient
@@ -75,10 +76,11 @@ class EngineRequest:
     released: Future | None = None  # done when the release of its sessions is
 
     def __post_init__(self):
+        self.weights_tensor = torch.tensor([self.weights], dtype=torch.float32).reshape(1, len(self.composition.deltas))
+        self.emitted_from = 0  # where this iteration's tokens start
         seed = self.params.seed
         self.generator = seeded_generator(seed) if seed is not None else None  # sampling and acceptance
         self.draft_params = replace(self.params, seed=stream_seed(seed, "draft")) if seed is not None else self.params  # the drafter's own stream
-        self.sampling = SamplingBatch.from_params([self.params], {0: self.generator} if self.generator else {})
         for model in self.composition.scored_models:
             self.unsent[model] = list(self.prompts[model])
         if self.draft_k:
@@ -118,6 +120,7 @@ class Engine:
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
         self.placements, self.last_placed = 0, {}  # placements so far; the number of each replica's latest
         self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in plain iterations (measured, smoothed)
+        self.phase_seconds: dict[str, float] = {}  # the latest iteration's draft, score and decide phases
 
     def step(self, requests: list[EngineRequest]) -> None:
         """Advance every unfinished request by one iteration."""
@@ -130,12 +133,14 @@ class Engine:
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         drafted_at = time.perf_counter()
         scored = self._score([r for r in active if not r.done], drafted)
-        sampled = self._sample_all([r for r in active if not r.done and r.id not in drafted], scored)
-        for r in active:
+        scored_at = time.perf_counter()
+        deciding = [r for r in active if not r.done]
+        for rows in _by_composition(deciding).values():
+            self._decide(rows, scored, drafted)
+        for r in deciding:
             if not r.done:
-                emitted = self._accept_drafts(r, scored[r.id], drafted[r.id]) if r.id in drafted else sampled[r.id]
-                if not r.done:
-                    self._roll_back(r, drafted.get(r.id, ([], None))[0], emitted)
+                self._roll_back(r, drafted.get(r.id, ([], None))[0], r.tokens[r.emitted_from :])
+        self.phase_seconds = {"draft": drafted_at - started, "score": scored_at - drafted_at, "decide": time.perf_counter() - scored_at}
         self.release([r for r in active if r.done])
         if drafted:
             self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
@@ -263,55 +268,52 @@ class Engine:
             r.error, r.finish_reason = UnavailableError(f"the worker lost this request's cache for {key!r} (it holds {length} tokens, {expected} expected); retry the request"), "error"
         return not r.done
 
-    def _sample_all(self, requests: list[EngineRequest], scored) -> dict[str, list[int]]:
-        """One token per request that does not speculate: combined, sampled and emitted as one
-        batch per composition (per-row weights, sampling settings and generators)."""
-        groups = defaultdict(list)
-        for r in requests:
-            groups[r.composition.name].append(r)
-        sampled = {}
-        for rows in groups.values():
-            composition = rows[0].composition
-            vocab = self.vocab_sizes[composition.name]
-            per_model = {m: torch.stack([scored[r.id][m].float() for r in rows]) for m in composition.scored_models}  # [B, 1, vocab]
-            weights = torch.tensor([list(r.weights) for r in rows], dtype=torch.float32).reshape(len(rows), len(composition.deltas))
-            target = eft_logprobs(per_model, composition, weights, vocab)  # [B, 1, vocab]
-            nucleus = torch.log_softmax(per_model[composition.nucleus_model][:, 0, :vocab], dim=-1)
-            batch = SamplingBatch.from_params([r.params for r in rows], {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
-            tokens, _ = sample(target[:, 0], batch, nucleus)
-            rewards = implicit_rewards(per_model, composition, tokens[:, None], vocab)  # [B, 1, deltas]
-            logprobs = target[:, 0].gather(-1, tokens[:, None])[:, 0]
-            for i, r in enumerate(rows):
-                sampled[r.id] = [int(tokens[i])]
-                self._emit(r, sampled[r.id], [float(logprobs[i])], rewards[i].tolist())
-        return sampled
+    def _decide(self, rows: list[EngineRequest], scored, drafted) -> None:
+        """One decide for every request of a composition, speculating or not: the positions
+        of all rows (1, or k + 1 for a row that drafted k) combined at once, one acceptance
+        over them (a row without drafts samples plainly), then the emitted tokens' logprobs
+        and implicit rewards gathered, and emitted."""
+        composition = rows[0].composition
+        vocab = self.vocab_sizes[composition.name]
+        drafts = [drafted[r.id][0] if r.id in drafted else [] for r in rows]
+        positions = [len(d) + 1 for d in drafts]
+        per_model = {m: torch.cat([scored[r.id][m][:, :vocab] for r in rows])[:, None] for m in composition.scored_models}  # [positions, 1, vocab]
+        weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)])
+        target = eft_logprobs(per_model, composition, weights, vocab)[:, 0]  # [positions, vocab]
+        emitted = self._accepted(rows, drafts, positions, target, per_model[composition.nucleus_model][:, 0], [drafted[r.id][1] for r in rows if r.id in drafted])
+        starts = [sum(positions[:i]) for i in range(len(rows))]
+        chosen = torch.tensor([start + j for start, tokens in zip(starts, emitted) for j in range(len(tokens))])
+        tokens = torch.tensor([t for tokens in emitted for t in tokens])
+        every = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
+        picked = {m: per_model[m] if every else per_model[m][chosen] for d in composition.deltas for m in (d.tuned, d.reference)}
+        logprobs, rewards = target[chosen, tokens].tolist(), implicit_rewards(picked, composition, tokens[:, None], vocab)[:, 0].tolist()
+        offset = 0
+        for r, row_tokens, row_drafts in zip(rows, emitted, drafts):
+            if row_drafts:
+                self._observe_drafts(r, len(row_drafts), len(row_tokens) - 1)
+            r.emitted_from = len(r.tokens)
+            self._emit(r, row_tokens, logprobs[offset : offset + len(row_tokens)], rewards[offset : offset + len(row_tokens)])
+            offset += len(row_tokens)
 
-    def _accept_drafts(self, r: EngineRequest, logits: dict[str, torch.Tensor], drafted) -> list[int]:
-        """Accept a prefix of the request's drafts plus a recovered or bonus token; emit them."""
-        vocab = self.vocab_sizes[r.composition.name]
-        per_model = {m: t.float()[None] for m, t in logits.items()}  # [1, k + 1, vocab]
-        target = eft_logprobs(per_model, r.composition, r.weights, vocab)[0]  # [k + 1, vocab]
-        nucleus = torch.log_softmax(per_model[r.composition.nucleus_model][0, :, :vocab], dim=-1)
-        emitted = self._accept(r, target, nucleus, *drafted)
-        n = len(emitted)
-        tokens = torch.tensor([emitted])
-        rewards = implicit_rewards({m: t[:, :n] for m, t in per_model.items()}, r.composition, tokens, vocab)[0]
-        self._emit(r, emitted, target[torch.arange(n), tokens[0]].tolist(), rewards.tolist())
-        return emitted
+    @staticmethod
+    def _accepted(rows, drafts: list[list[int]], positions: list[int], target: torch.Tensor, nucleus_logits: torch.Tensor, draft_logits: list[torch.Tensor]) -> list[list[int]]:
+        """Per row, its accepted drafts and one recovered or bonus token (or its one sampled
+        token): greedy rows by argmax alone; otherwise the exact rule over p and q."""
+        batch = SamplingBatch.from_params([r.params for r in rows], {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
+        if batch.all_greedy:
+            return accept_greedy_ragged(drafts, target.argmax(dim=-1))
+        nucleus = torch.log_softmax(nucleus_logits.float(), dim=-1) if bool(batch.conservative.any()) else None
+        p = sampling_probs(target, batch.rows_of([i for i, n in enumerate(positions) for _ in range(n)]), nucleus)
+        q = draft_distribution(torch.cat(draft_logits), batch.rows_of([i for i, d in enumerate(drafts) for _ in d])) if draft_logits else target.new_zeros(0, target.shape[-1])
+        return accept_ragged(drafts, p, q, batch.generators)
 
-    def _accept(self, r: EngineRequest, target, nucleus, drafts: list[int], draft_logits: torch.Tensor) -> list[int]:
-        k = len(drafts)
-        target_probs = sampling_probs(target, r.sampling.rows_of([0] * (k + 1)), nucleus)
-        draft_probs = sampling_probs(torch.log_softmax(draft_logits.float(), dim=-1), r.sampling.rows_of([0] * k))
-        result = accept_drafts(torch.tensor([drafts]), torch.tensor([k]), draft_probs[None], target_probs[None], r.sampling.generators)
-        accepted = int(result.num_accepted[0])
-        r.stats.observe_draft(k, accepted)
-        r.acceptance.observe(k, accepted)
+    def _observe_drafts(self, r: EngineRequest, drafted: int, accepted: int) -> None:
+        r.stats.observe_draft(drafted, accepted)
+        r.acceptance.observe(drafted, accepted)
         if self.metrics is not None:
-            self.metrics.observe_draft(r.composition.name, k, accepted)
+            self.metrics.observe_draft(r.composition.name, drafted, accepted)
         if r.adaptive:
             r.draft_k = best_draft_k(r.acceptance.rate, self.draft_cost, MAX_ADAPTIVE_K)
-        return result.emitted(0)
 
     def _measure_draft_cost(self, draft_s: float, rest_s: float, k: int) -> None:
         """One draft step's cost in plain iterations (scoring, deciding, rolling back: all an
@@ -388,6 +390,13 @@ class Engine:
         if isinstance(error, DeadlineExceededError):
             return UnavailableError(f"worker replica {_name(client)} did not answer {method} within {timeout:.1f} s; retry the request")
         return UnavailableError(f"worker replica {_name(client)} failed {method} ({error}); retry the request")
+
+
+def _by_composition(requests: list[EngineRequest]) -> dict[str, list[EngineRequest]]:
+    groups = defaultdict(list)
+    for r in requests:
+        groups[r.composition.name].append(r)
+    return groups
 
 
 def _item_failed(client: WorkerClient, error: EFTError) -> EFTError:

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eft_core import EFTError, NotFoundError, ResourceExhaustedError, SamplingBatch, UnavailableError
 from eft_core.errors import require
-from eft_core.sampling import sample_from_probs, sampling_probs, seeded_generator
+from eft_core.sampling import draft_distribution, sample_from_probs, seeded_generator
 from services.prompts import tokenizer_fingerprint
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo, WorkerLimits
 from services.worker.architectures import check_supported
@@ -258,7 +258,7 @@ class ModelWorker:
             if chosen.all_greedy:
                 drawn = wire.float().argmax(dim=-1)
             else:
-                drawn = sample_from_probs(sampling_probs(torch.log_softmax(wire.float(), dim=-1), chosen), chosen.generators)
+                drawn = sample_from_probs(draft_distribution(wire, chosen), chosen.generators)
             for position, row in enumerate(active):
                 tokens[row].append(int(drawn[position]))
                 kept[row].append(wire[position])

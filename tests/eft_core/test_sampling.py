@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eft_core import InvalidArgumentError, SamplingBatch, SamplingParams, sample, sampling_probs
-from eft_core.sampling import seeded_generator, stream_seed, top_k_mask, top_p_mask
+from eft_core.sampling import TOP_P_CANDIDATES, seeded_generator, stream_seed, top_k_mask, top_p_mask, top_p_mask_by_sort
 from tests.eft_core.helpers import perturbed, seeded, tv_distance
 
 
@@ -205,3 +205,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p(logits, top_p):
     assert float(kept.sum()) >= top_p - 1e-5  # reaches p
     assert float(kept.sum() - kept.min()) < top_p + 1e-5  # dropping its least likely member would not
     assert float(kept.min()) >= largest(probs[~keep], 0.0) - 1e-7  # most probable first
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    vocab=st.integers(2, 3000),
+    scale=st.floats(0.0, 12.0),
+    ties=st.booleans(),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**31),
+    top_p=st.lists(st.floats(0.01, 1.0), min_size=4, max_size=4),
+)
+def test_top_p_from_candidates_is_the_sorted_mask_bit_for_bit(rows, vocab, scale, ties, masked, seed, top_p):
+    """Candidates settle most rows (peaked), the full sort the rest (flat, or a nucleus ending in a run of ties)."""
+    logits = torch.randn(rows, vocab, generator=seeded(seed)) * scale
+    if ties:
+        logits = logits.round()
+    if masked:
+        logits[:, ::2] = -math.inf
+    p = torch.tensor(top_p[:rows])
+    assert torch.equal(top_p_mask(logits, p), top_p_mask_by_sort(logits, p))
+
+
+def test_top_p_candidates_settle_a_peaked_row_and_the_sort_a_flat_one():
+    peaked = torch.full((1, 5000), -10.0)
+    peaked[0, :20] = torch.linspace(5, 1, 20)
+    flat = torch.zeros(1, 5000)
+    for logits in (peaked, flat):
+        assert torch.equal(top_p_mask(logits, torch.tensor([0.9])), top_p_mask_by_sort(logits, torch.tensor([0.9])))
+    assert int(top_p_mask(peaked, torch.tensor([0.9])).sum()) < TOP_P_CANDIDATES < int(top_p_mask(flat, torch.tensor([0.9])).sum())
