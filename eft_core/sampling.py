@@ -162,31 +162,46 @@ def top_k_mask(
     return rank < k[:, None]
 
 
-TOP_P_CANDIDATES = 1024  # the most probable tokens looked at first; a nucleus beyond them takes the full sort
+TOP_P_CANDIDATES = (64, 1024)  # the most probable tokens looked at first, then more; a nucleus beyond them takes the full sort
 
 
 def top_p_mask(
     logits: torch.Tensor,  # [rows, vocab] (log-probabilities up to a constant; -inf = excluded)
     top_p: torch.Tensor,  # [rows] float32 in (0, 1], 1 = keep all
 ) -> torch.Tensor:  # [rows, vocab] bool: smallest most-probable set with mass >= top_p
-    """The mask ``top_p_mask_by_sort`` gives, bit for bit, from the TOP_P_CANDIDATES most
-    probable tokens where they settle it: the nucleus ends inside them, and not inside a
-    run of equal probabilities (where the stable sort's lower-index-first rule decides).
-    Other rows take the full sort. A real model's nucleus is a few hundred tokens at most,
-    so most rows skip sorting the whole vocabulary."""
+    """The mask ``top_p_mask_by_sort`` gives, bit for bit, from the most probable tokens
+    where they settle it (TOP_P_CANDIDATES, fewest first): the nucleus ends inside them, and
+    not inside a run of equal probabilities (where the stable sort's lower-index-first rule
+    decides). Rows they do not settle take the full sort. A real model's nucleus is a few
+    to a few hundred tokens, so most rows never sort the vocabulary."""
     if bool((top_p >= 1).all()):  # no row filters: skip the sort
         return torch.ones_like(logits, dtype=torch.bool)
     probs = torch.softmax(logits, dim=-1)
-    values, index = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
+    pending, mask = torch.nonzero(top_p < 1).flatten(), None
+    for candidates in TOP_P_CANDIDATES:
+        every = len(pending) == len(probs)  # no rows to pick out: no copies
+        settled, found = _nucleus_from_candidates(probs if every else probs[pending], top_p[pending], min(candidates, probs.shape[-1]))
+        if mask is None and every and bool(settled.all()):
+            return found  # the usual case: every row settled by the first candidates
+        mask = torch.zeros_like(probs, dtype=torch.bool) if mask is None else mask
+        mask[pending[settled]] = found[settled]
+        pending = pending[~settled]
+        if not len(pending):
+            break
+    if len(pending):
+        mask[pending] = _nucleus_by_sort(probs[pending], top_p[pending])
+    mask[top_p >= 1] = True
+    return mask
+
+
+def _nucleus_from_candidates(probs: torch.Tensor, top_p: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows the ``candidates`` most probable tokens settle, and their masks."""
+    values, index = torch.topk(probs, candidates, dim=-1)
     keep = (torch.cumsum(values, dim=-1) - values) < top_p[:, None]  # the same partial sums as over the sorted vocabulary
     kept = keep.sum(dim=-1, keepdim=True)
-    last, first_dropped = values.gather(-1, kept - 1), values.gather(-1, kept.clamp(max=values.shape[-1] - 1))
-    settled = ((kept < values.shape[-1]) & (first_dropped < last)).squeeze(-1) | (top_p >= 1)
-    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep | (top_p[:, None] >= 1))
-    mask[top_p >= 1] = True
-    if not bool(settled.all()):
-        mask[~settled] = _nucleus_by_sort(probs[~settled], top_p[~settled])
-    return mask
+    last, first_dropped = values.gather(-1, kept - 1), values.gather(-1, kept.clamp(max=candidates - 1))
+    settled = ((kept < candidates) & (first_dropped < last)).squeeze(-1)
+    return settled, torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep)
 
 
 def top_p_mask_by_sort(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
