@@ -56,6 +56,10 @@ class InstantWorker:
     def __init__(self, vocab: int, seed: int):
         self.vocab, self.seed, self.lengths, self.encoded = vocab, seed, {}, {}
         self.decoded_logits: list[torch.Tensor] = []  # of the latest calls: the floor reads them
+        self.decoders = {
+            "extend": convert.raw_decoder(worker_pb2.ExtendResponse, convert.extended_from_proto, convert.EXTEND_TENSORS),
+            "draft": convert.raw_decoder(worker_pb2.DraftResponse, convert.drafted_from_proto, convert.DRAFT_TENSORS),
+        }
 
     def start(self, method, items, logits_dtype=torch.float32, timeout=None):
         answers = self._answers(method, items, logits_dtype)
@@ -75,8 +79,7 @@ class InstantWorker:
         key = (method, tuple(positions), dtype)
         if key not in self.encoded:
             self.encoded[key] = self._encode(method, positions, dtype)
-        response = (worker_pb2.ExtendResponse if method == "extend" else worker_pb2.DraftResponse).FromString(self.encoded[key])
-        answers = convert.extended_from_proto(response) if method == "extend" else convert.drafted_from_proto(response)
+        answers, _ = self.decoders[method](self.encoded[key])  # as GrpcWorkerClient decodes what gRPC received
         lengths = [self._advance(item, method) for item in items]
         if method == "extend":
             return [Extended(a.logits, n) for a, n in zip(answers, lengths)]

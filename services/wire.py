@@ -39,13 +39,14 @@ def to_wire(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> worker_
     return worker_pb2.Tensor(dtype=wire, shape=list(tensor.shape), data=array.tobytes())
 
 
-def from_wire(message: worker_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
+def from_wire(message: worker_pb2.Tensor, field: str = "tensor", data: bytes | memoryview | None = None) -> torch.Tensor:
     """Decode a Tensor message; a size that disagrees with the shape is refused. The tensor
-    is a read-only view of the message's bytes: no copy beyond the one reading the field
-    makes (every access of a bytes field copies, so it is read once)."""
+    is a read-only view of ``data`` (the message's bytes as ``tensor_payloads`` finds them
+    in the serialized message: no copy), or of the ``data`` field read once (every access of
+    a bytes field copies)."""
     require(message.dtype in _FROM_WIRE, f"{field}.dtype", f"unknown dtype {message.dtype}")
     dtype, numpy_dtype = _FROM_WIRE[message.dtype]
-    shape, data = tuple(message.shape), message.data
+    shape, data = tuple(message.shape), message.data if data is None else data
     require(all(d >= 0 for d in shape), f"{field}.shape", f"negative dimension in {shape}")
     itemsize = np.dtype(numpy_dtype).itemsize
     require(len(data) == int(np.prod(shape, dtype=np.int64)) * itemsize, f"{field}.data", f"{len(data)} bytes do not fit shape {shape} of {dtype}")
@@ -57,3 +58,58 @@ def from_wire(message: worker_pb2.Tensor, field: str = "tensor") -> torch.Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "not writable": the tensor is read-only, never written in place
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def tensor_payloads(raw: bytes, path: tuple[int, ...]) -> list[memoryview]:
+    """The ``data`` of each Tensor a serialized message holds at ``path`` (field numbers
+    from the message down to the Tensor, the first a repeated field), as views of ``raw``,
+    one per element of that repeated field (empty where the element holds no tensor). The
+    protobuf wire format read directly: parsing the message and reading each bytes field
+    would copy every tensor twice."""
+    view = memoryview(raw)
+    return [_tensor_data(view, element, path[1:]) for element in _fields(view, 0, len(view), path[0])]
+
+
+_DATA = 3  # eft.v1.Tensor.data
+
+
+def _tensor_data(view: memoryview, span: tuple[int, int], path: tuple[int, ...]) -> memoryview:
+    start, end = span
+    if path:
+        inner = _fields(view, start, end, path[0])
+        return _tensor_data(view, inner[-1], path[1:]) if inner else view[0:0]
+    data = _fields(view, start, end, _DATA)
+    return view[data[-1][0] : data[-1][1]] if data else view[0:0]
+
+
+def _fields(view: memoryview, start: int, end: int, number: int) -> list[tuple[int, int]]:
+    """The (start, end) of every length-delimited field ``number`` between start and end."""
+    found, position = [], start
+    while position < end:
+        key, position = _varint(view, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, position = _varint(view, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _varint(view, position)
+            if key >> 3 == number:
+                found.append((position, position + length))
+            position += length
+        else:
+            raise InvalidArgumentError(f"wire type {wire_type} at byte {position} is not one a worker response uses", field="response")
+    return found
+
+
+def _varint(view: memoryview, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = view[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7

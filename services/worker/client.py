@@ -15,6 +15,8 @@ import torch
 from eft_core import EFTError
 from services.errors import error_from_rpc
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 from services.worker import convert
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, WorkerInfo
 from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
@@ -103,14 +105,17 @@ class GrpcWorkerClient:
         self.timing = {"extend": CallTiming(), "draft": CallTiming()}
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
-        self._methods = {
-            "extend": (self.stub.Extend, convert.extend_request, convert.extended_from_proto),
-            "draft": (self.stub.Draft, convert.draft_request, convert.drafted_from_proto),
+        self._methods = {  # raw responses: the logits are decoded as views of the bytes gRPC received
+            "extend": (self._raw("Extend", worker_pb2.ExtendRequest), convert.extend_request, convert.raw_decoder(worker_pb2.ExtendResponse, convert.extended_from_proto, convert.EXTEND_TENSORS)),
+            "draft": (self._raw("Draft", worker_pb2.DraftRequest), convert.draft_request, convert.raw_decoder(worker_pb2.DraftResponse, convert.drafted_from_proto, convert.DRAFT_TENSORS)),
         }
         self.timeout = timeout
 
     def __repr__(self) -> str:
         return f"GrpcWorkerClient({self.address!r})"
+
+    def _raw(self, method: str, request_class):
+        return self.channel.unary_unary(f"/{SERVICE_NAME}/{method}", request_serializer=request_class.SerializeToString, response_deserializer=None)
 
     def close(self) -> None:
         self.channel.close()
@@ -153,11 +158,11 @@ class _GrpcCall:
 
     def result(self) -> list:
         try:
-            response = self.future.result()
+            raw = self.future.result()
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        answers = self.decode(response)
-        self.timing.add(time.perf_counter() - self.started, response.compute_seconds)
+        answers, compute_seconds = self.decode(raw)
+        self.timing.add(time.perf_counter() - self.started, compute_seconds)
         return answers
 
 

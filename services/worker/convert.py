@@ -5,7 +5,7 @@ import torch
 from eft_core import EFTError, InvalidArgumentError, SamplingParams
 from services.errors import error_from_status, status_number
 from services.pb.eft.v1 import worker_pb2
-from services.wire import from_wire, to_wire
+from services.wire import from_wire, tensor_payloads, to_wire
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
 
 _WIRE_ENUM = {torch.float32: worker_pb2.DTYPE_FLOAT32, torch.bfloat16: worker_pb2.DTYPE_BFLOAT16, torch.float16: worker_pb2.DTYPE_FLOAT16}
@@ -39,9 +39,24 @@ def extend_response(results: list[Extended | EFTError], logits_dtype: torch.dtyp
     )
 
 
-def extended_from_proto(response: worker_pb2.ExtendResponse) -> list[Extended | EFTError]:
-    failed = _failed_items(response.errors)
-    return [failed.get(i) or Extended(from_wire(t, f"logits[{i}]"), n) for i, (t, n) in enumerate(zip(response.logits, response.cache_lengths))]
+EXTEND_TENSORS, DRAFT_TENSORS = (1,), (1, 2)  # where the logits sit: ExtendResponse.logits, DraftResponse.results[].logits
+
+
+def extended_from_proto(response: worker_pb2.ExtendResponse, payloads: list | None = None) -> list[Extended | EFTError]:
+    """``payloads``: each tensor's bytes as views of the serialized response (wire.tensor_payloads)."""
+    failed, payloads = _failed_items(response.errors), payloads or [None] * len(response.logits)
+    return [failed.get(i) or Extended(from_wire(t, f"logits[{i}]", d), n) for i, (t, n, d) in enumerate(zip(response.logits, response.cache_lengths, payloads))]
+
+
+def raw_decoder(response_class, decode, path: tuple[int, ...]):
+    """A function from a serialized Extend/Draft response to (answers, the worker's compute
+    seconds): parsed for everything but the tensors, whose bytes are views of the response."""
+
+    def from_raw(raw: bytes) -> tuple[list, float]:
+        response = response_class.FromString(raw)
+        return decode(response, tensor_payloads(raw, path)), response.compute_seconds
+
+    return from_raw
 
 
 def draft_items_from_proto(request: worker_pb2.DraftRequest) -> list[DraftItem]:
@@ -67,9 +82,9 @@ def draft_response(results: list[Drafted | EFTError], logits_dtype: torch.dtype)
     return worker_pb2.DraftResponse(results=[result(r) for r in results], errors=_item_errors(results))
 
 
-def drafted_from_proto(response: worker_pb2.DraftResponse) -> list[Drafted | EFTError]:
-    failed = _failed_items(response.errors)
-    return [failed.get(i) or Drafted(list(r.draft_tokens), from_wire(r.logits, f"results[{i}].logits"), r.cache_length) for i, r in enumerate(response.results)]
+def drafted_from_proto(response: worker_pb2.DraftResponse, payloads: list | None = None) -> list[Drafted | EFTError]:
+    failed, payloads = _failed_items(response.errors), payloads or [None] * len(response.results)
+    return [failed.get(i) or Drafted(list(r.draft_tokens), from_wire(r.logits, f"results[{i}].logits", d), r.cache_length) for i, (r, d) in enumerate(zip(response.results, payloads))]
 
 
 def _item_errors(results: list) -> list[worker_pb2.ItemError]:
