@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from eft_core import Composition, Delta, SamplingParams
-from services.coordinator.engine import Engine, EngineRequest
+from services.coordinator.engine import Engine, EngineRequest, pools_of
 from services.pb.eft.v1 import worker_pb2
 from services.worker import convert
 from services.worker.api import Drafted, Extended
@@ -120,7 +120,7 @@ class _Now:
 def measure(composition: Composition, vocab: int, batch: int, mode: str, iterations: int) -> dict:
     params, k = MODES[mode]
     workers = {m: InstantWorker(vocab, seed=i) for i, m in enumerate(composition.models)}
-    engine = Engine(workers, {composition.name: vocab})
+    engine = Engine(pools_of(workers), {composition.name: vocab})
     requests = [EngineRequest(f"r{i}", composition, {m: list(range(3, 3 + PROMPT)) for m in composition.models}, params, composition.weights(), k) for i in range(batch)]
     engine.step(requests)  # prefill: not measured
     steps, floors, faults = [], [], []

@@ -45,7 +45,7 @@ import torch
 
 from cluster.loadtest import percentile, rss_bytes
 from eft_core import Composition, Delta, SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.build import build_family
 from services.family.deepen import deepen
@@ -109,7 +109,7 @@ class Served:
 
         tokenizers = {m: AutoTokenizer.from_pretrained(path) for m, path in family.items()}
         self.metrics = ServingMetrics()
-        self.scheduler = Scheduler(Engine(placement, composition_vocab_sizes(COMPOSITIONS.values(), tokenizers), metrics=self.metrics), max_running=64, max_waiting=1024)
+        self.scheduler = Scheduler(Engine(pools_of(placement), composition_vocab_sizes(COMPOSITIONS.values(), tokenizers), metrics=self.metrics), max_running=64, max_waiting=1024)
         gateway = Gateway(COMPOSITIONS, tokenizers, model_contexts(self.clients), self.scheduler, "upscaled", Limits(max_tokens=256, max_draft_k=16), self.metrics)
         self.server, port = create_server(gateway, "127.0.0.1:0")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")

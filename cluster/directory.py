@@ -67,7 +67,7 @@ class WorkerDirectory:
         kept = {a: c for a, c in current.items() if a in addresses}
         added = {a: GrpcWorkerClient(a) for a in addresses - set(current)}
         self.clients[group] = {**kept, **added}  # a dropped client closes when its last request lets go of it
-        self.engine.set_replicas(self.groups[group], list(self.clients[group].values()))
+        self.engine.set_replicas(group, list(self.clients[group].values()))
         log.info("worker group %r: replicas %s (added %s, removed %s)", group, sorted(addresses), sorted(added), sorted(set(current) - addresses))
 
     async def _refresh_forever(self) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig, load_tokenizers
 from cluster.directory import WorkerDirectory
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, ReplicaPool
 from services.coordinator.scheduler import Scheduler
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
@@ -96,7 +96,7 @@ class GatewayReplica:
         tokenizers = load_tokenizers(config)  # the check `eft serve` made: the same rule
         compositions = {c.name: c.composition() for c in config.compositions}
         metrics = ServingMetrics()
-        engine = Engine({model: [] for model in config.models}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics, calls=config.call_policy())
+        engine = Engine({g.name: ReplicaPool(tuple(g.models)) for g in config.worker_groups}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics, calls=config.call_policy())
         self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
         await self.directory.start()
         contexts = model_contexts(client for clients in self.directory.clients.values() for client in clients.values())

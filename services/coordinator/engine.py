@@ -47,6 +47,7 @@ from eft_core.draft_length import AcceptanceEstimate, best_draft_k
 from eft_core.sampling import draft_distribution, sampling_probs, seeded_generator, stream_seed
 from eft_core.speculative import accept_greedy_ragged, accept_ragged
 from services.coordinator.health import CallPolicy, ReplicaHealth
+from services.coordinator.ledger import DRAFT, CacheLedger
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import WorkerClient
 
@@ -69,9 +70,6 @@ class EngineRequest:
     error: EFTError | None = None
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    unsent: dict[str, list[int]] = field(default_factory=dict)  # session key -> tokens its cache lacks
-    cached: dict[str, int] = field(default_factory=dict)  # session key -> tokens its cache holds (after pending rollbacks)
-    rollback: dict[str, int] = field(default_factory=dict)  # session key -> length to truncate to, sent with its next call
     placement: dict[str, WorkerClient] = field(default_factory=dict)  # model -> the replica holding its caches
     released: Future | None = None  # done when the release of its sessions is
 
@@ -81,10 +79,8 @@ class EngineRequest:
         seed = self.params.seed
         self.generator = seeded_generator(seed) if seed is not None else None  # sampling and acceptance
         self.draft_params = replace(self.params, seed=stream_seed(seed, "draft")) if seed is not None else self.params  # the drafter's own stream
-        for model in self.composition.scored_models:
-            self.unsent[model] = list(self.prompts[model])
-        if self.draft_k:
-            self.unsent[_DRAFT] = list(self.prompts[self.composition.drafter_model])
+        drafter = {DRAFT: self.prompts[self.composition.drafter_model]} if self.draft_k else {}
+        self.cache = CacheLedger({**{m: self.prompts[m] for m in self.composition.scored_models}, **drafter})
 
     @property
     def done(self) -> bool:
@@ -94,23 +90,43 @@ class EngineRequest:
         return min(self.draft_k, self.params.max_tokens - len(self.tokens) - 1)
 
 
+@dataclass(frozen=True)
+class ReplicaPool:
+    """A worker group as the engine places requests on it: the models each of its replicas
+    hosts, and the replicas running now."""
+
+    models: tuple[str, ...]
+    replicas: tuple[WorkerClient, ...] = ()
+
+
+def pools_of(placement: Mapping[str, WorkerClient]) -> dict[str, ReplicaPool]:
+    """A fixed placement (each model -> the one worker hosting it) as pools of one replica,
+    one per worker, named ``worker-<i>`` in order of first appearance."""
+    models_of = defaultdict(list)
+    for model, client in placement.items():
+        models_of[client].append(model)
+    return {f"worker-{i}": ReplicaPool(tuple(models), (client,)) for i, (client, models) in enumerate(models_of.items())}
+
+
 log = logging.getLogger(__name__)
-_DRAFT = "#draft"  # session key of the drafter's cache
 MAX_ADAPTIVE_K = 8
 INITIAL_DRAFT_COST = 0.25  # until measured: a drafter a few times cheaper than an iteration
 
 
 class Engine:
-    """``workers`` maps each model to the client of the worker hosting it, or to a list of
-    clients, one per replica of its worker group (models of one group share one list).
+    """``pools``: the worker groups by name (``pools_of`` makes them from a fixed placement).
     A request is placed on one replica per group when it starts and stays there;
     ``set_replicas`` changes a group's replicas for the requests placed afterwards.
     ``vocab_sizes``: the vocabulary each composition's models share, by composition name
     (compositions of different tokenizer families may be served together).
     ``calls``: the deadlines of worker calls."""
 
-    def __init__(self, workers: Mapping[str, WorkerClient | list[WorkerClient]], vocab_sizes: Mapping[str, int], logits_dtype: torch.dtype = torch.float32, metrics=None, calls: CallPolicy = CallPolicy()):
-        self.replicas = {m: w if isinstance(w, list) else [w] for m, w in workers.items()}
+    def __init__(self, pools: Mapping[str, ReplicaPool], vocab_sizes: Mapping[str, int], logits_dtype: torch.dtype = torch.float32, metrics=None, calls: CallPolicy = CallPolicy()):
+        self.pools = dict(pools)  # replaced whole by set_replicas, never changed in place
+        self.pool_of = {model: name for name, pool in self.pools.items() for model in pool.models}
+        twice = sorted(m for m in self.pool_of if sum(m in p.models for p in self.pools.values()) > 1)
+        if twice:
+            raise ValueError(f"models {twice} are in more than one worker group")
         self.vocab_sizes, self.logits_dtype, self.calls = dict(vocab_sizes), logits_dtype, calls
         self.metrics = metrics  # services.metrics.ServingMetrics, or None
         self.health = ReplicaHealth()
@@ -139,7 +155,7 @@ class Engine:
             self._decide(rows, scored, drafted)
         for r in deciding:
             if not r.done:
-                self._roll_back(r, drafted.get(r.id, ([], None))[0], r.tokens[r.emitted_from :])
+                r.cache.stepped(r.composition.scored_models, drafted.get(r.id, ([], None))[0], r.tokens[r.emitted_from :], r.draft_k > 0)
         self.phase_seconds = {"draft": drafted_at - started, "score": scored_at - drafted_at, "decide": time.perf_counter() - scored_at}
         self.release([r for r in active if r.done])
         if drafted:
@@ -158,12 +174,12 @@ class Engine:
                 continue
             releasing.append(r)
             for client in dict.fromkeys(r.placement.values()):
-                by_client[client] += [r.id, r.id + _DRAFT]
+                by_client[client] += [r.id, r.id + DRAFT]
                 self.load[client] -= 1
                 if self.load[client] <= 0:
                     del self.load[client]
             r.placement = {}
-            r.cached.clear()
+            r.cache.released()
         sent = [self.releaser.submit(self._release_on, c, ids) for c, ids in by_client.items() if not self.health.defer_release(c, ids)]
         done = _when_all(sent)
         with self.releasing_lock:
@@ -189,20 +205,19 @@ class Engine:
         except EFTError as error:
             log.warning("could not release %d sessions on %s: %s", len(session_ids), client, error)
 
-    def set_replicas(self, models: list[str], clients: list[WorkerClient]) -> None:
-        """The replicas of the worker group hosting ``models`` are now ``clients`` (called from
-        another thread: the mapping is replaced whole, never changed in place)."""
-        replicas, shared = dict(self.replicas), list(clients)
-        gone = {c for m in models for c in self.replicas.get(m, [])} - set(shared)
-        for model in models:
-            replicas[model] = shared
-        self.replicas = replicas
+    def set_replicas(self, group: str, clients: list[WorkerClient]) -> None:
+        """The worker group's replicas are now ``clients`` (called from another thread: the
+        pools are replaced whole, never changed in place)."""
+        pools = dict(self.pools)
+        gone = set(pools[group].replicas) - set(clients)
+        pools[group] = replace(pools[group], replicas=tuple(clients))
+        self.pools = pools
         self.health.forget(gone)
 
     def servable(self, composition: Composition) -> bool:
         """Whether every worker group the composition needs has a replica in placement."""
-        replicas = self.replicas
-        return all(any(self.health.is_ejected(c) is None for c in replicas[m]) for m in composition.models)
+        pools = self.pools
+        return all(any(self.health.is_ejected(c) is None for c in pools[self.pool_of[m]].replicas) for m in composition.models)
 
     def close(self) -> None:
         self.health.close()
@@ -212,17 +227,17 @@ class Engine:
         """One replica per worker group for the request's models: the least loaded of those
         in placement, the least recently chosen among equals (a replica on probation takes one
         request at a time). A group with none fails the request with UNAVAILABLE."""
-        replicas, chosen = self.replicas, {}
+        pools, chosen = self.pools, {}
         for model in r.composition.models:
-            group = replicas[model]
-            if id(group) not in chosen:
-                live = [c for c in group if self._placeable(c)]
+            group = self.pool_of[model]
+            if group not in chosen:
+                live = [c for c in pools[group].replicas if self._placeable(c)]
                 if not live:
                     r.placement.clear()
-                    r.error, r.finish_reason = UnavailableError(_no_replica(model, group, self.health)), "error"
+                    r.error, r.finish_reason = UnavailableError(_no_replica(model, group, pools[group], self.health)), "error"
                     return
-                chosen[id(group)] = min(live, key=lambda client: (self.load.get(client, 0), self.last_placed.get(client, -1)))
-            r.placement[model] = chosen[id(group)]
+                chosen[group] = min(live, key=lambda client: (self.load.get(client, 0), self.last_placed.get(client, -1)))
+            r.placement[model] = chosen[group]
         for client in dict.fromkeys(r.placement.values()):
             self.load[client] += 1
             self.last_placed[client] = self.placements = self.placements + 1
@@ -238,10 +253,11 @@ class Engine:
         calls = defaultdict(list)
         for r in requests:
             drafter = r.composition.drafter_model
-            calls[r.placement[drafter]].append((r, DraftItem(r.id + _DRAFT, drafter, r.unsent[_DRAFT], ks[r.id], r.draft_params, r.rollback.pop(_DRAFT, None))))
+            tokens, truncate_to = r.cache.to_send(DRAFT)
+            calls[r.placement[drafter]].append((r, DraftItem(r.id + DRAFT, drafter, tokens, ks[r.id], r.draft_params, truncate_to)))
         results = {}
         for (r, item), answer in self._call_all(calls, "draft"):
-            if self._cache_kept(r, _DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
+            if self._cache_kept(r, DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
                 results[r.id] = (answer.draft_tokens, answer.logits)
         return results
 
@@ -250,7 +266,8 @@ class Engine:
         for r in requests:
             drafts = drafted.get(r.id, ([], None))[0]
             for model in r.composition.scored_models:
-                calls[r.placement[model]].append((r, ExtendItem(r.id, model, r.unsent[model] + drafts, len(drafts) + 1, r.rollback.pop(model, None))))
+                unsent, truncate_to = r.cache.to_send(model)
+                calls[r.placement[model]].append((r, ExtendItem(r.id, model, unsent + drafts, len(drafts) + 1, truncate_to)))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, "extend"):
             if self._cache_kept(r, item.model, len(item.token_ids), answer.cache_length):
@@ -259,12 +276,10 @@ class Engine:
 
     @staticmethod
     def _cache_kept(r: EngineRequest, key: str, added: int, length: int) -> bool:
-        """Record a cache's new length; a length other than the one expected means the worker
-        lost the cache (freed as idle, or a new replica at the same address) and answered
-        from a fresh one: fail the request rather than emit tokens from a wrong context."""
-        expected = r.cached.get(key, 0) + added
-        r.cached[key] = length
-        if length != expected and not r.done:
+        """Record a cache's new length; a lost cache fails the request rather than let it
+        emit tokens from a wrong context."""
+        expected = r.cache.answered(key, added, length)
+        if expected is not None and not r.done:
             r.error, r.finish_reason = UnavailableError(f"the worker lost this request's cache for {key!r} (it holds {length} tokens, {expected} expected); retry the request"), "error"
         return not r.done
 
@@ -335,26 +350,6 @@ class Engine:
             if r.done:
                 return
 
-    def _roll_back(self, r: EngineRequest, drafts: list[int], emitted: list[int]) -> None:
-        """Keep the accepted drafts in every cache; the last emitted token is sent next time.
-        Rejected drafts are cut by a rollback that rides on each cache's next call."""
-        k, accepted, last = len(drafts), len(emitted) - 1, emitted[-1]
-        for model in r.composition.scored_models:  # they hold all k drafts
-            self._keep(r, model, r.cached[model] - k + accepted)
-            r.unsent[model] = [last]
-        if r.draft_k and k:  # the drafter holds k - 1 drafts: its last one was never fed
-            fed = k - 1
-            self._keep(r, _DRAFT, r.cached[_DRAFT] - fed + min(accepted, fed))
-            r.unsent[_DRAFT] = ([drafts[-1]] if accepted == k else []) + [last]
-        elif r.draft_k:
-            r.unsent[_DRAFT] = r.unsent[_DRAFT] + [last]
-
-    @staticmethod
-    def _keep(r: EngineRequest, key: str, length: int) -> None:
-        if length < r.cached[key]:
-            r.cached[key] = length
-            r.rollback[key] = min(length, r.rollback.get(key, length))
-
     def _call_all(self, calls: dict, method: str):
         """One call per worker, all started before any is awaited, each under its deadline.
         A failed call fails just its requests (and ejects its replica); a failed item, just
@@ -420,11 +415,12 @@ def _name(client: WorkerClient) -> str:
     return getattr(client, "address", "in-process")
 
 
-def _no_replica(model: str, group: list, health: ReplicaHealth) -> str:
-    if not group:
-        return f"no replica of the worker group hosting {model!r} is running; retry later"
-    reasons = sorted({health.is_ejected(c) or "on probation" for c in group})
-    return f"every replica of the worker group hosting {model!r} is out of placement ({'; '.join(reasons)}); retry later"
+def _no_replica(model: str, group: str, pool: ReplicaPool, health: ReplicaHealth) -> str:
+    if not pool.replicas:
+        return f"no replica of worker group {group!r} (hosting {model!r}) is running; retry later"
+    reasons = sorted({health.is_ejected(c) or "on probation" for c in pool.replicas})
+    return f"every replica of worker group {group!r} (hosting {model!r}) is out of placement ({'; '.join(reasons)}); retry later"
+
 
 
 def _when_all(futures: list[Future]) -> Future:

@@ -3,7 +3,7 @@
 import pytest
 
 from eft_core import SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, ReplicaPool, pools_of
 from tests.services.coordinator.helpers import make_request, questions, run
 
 
@@ -13,7 +13,7 @@ def test_greedy_matches_the_reference_loop(workers, oracle, tokenizers, quick_fa
     placement, worker_objects = workers
     eos = tokenizers["large-base"].eos_token_id
     params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(eos,))
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     asked = questions(quick_family)
     requests = [make_request(i, composition, m, tokenizers, params, draft_k=draft_k) for i, m in enumerate(asked[:2])]
     late = [make_request(i + 2, composition, m, tokenizers, params, draft_k=draft_k) for i, m in enumerate(asked[2:])]
@@ -36,7 +36,7 @@ def test_greedy_matches_the_reference_loop(workers, oracle, tokenizers, quick_fa
 def test_zero_weights_give_the_base_models_own_output(workers, oracle, tokenizers, quick_family):
     placement, _ = workers
     params = SamplingParams(temperature=0, max_tokens=10)
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     messages = questions(quick_family)[0]
     request = make_request(0, "upscaled", messages, tokenizers, params, weights={"chat": 0.0}, draft_k=2)
     run(engine, [request])
@@ -45,7 +45,7 @@ def test_zero_weights_give_the_base_models_own_output(workers, oracle, tokenizer
 
 def test_seeded_sampling_is_the_same_alone_or_among_others(workers, oracle, tokenizers, quick_family):
     placement, _ = workers
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     messages = questions(quick_family)
     mine = SamplingParams(temperature=1.0, seed=7, max_tokens=10)
     for draft_k in (0, 3):
@@ -59,7 +59,7 @@ def test_seeded_sampling_is_the_same_alone_or_among_others(workers, oracle, toke
 
 def test_releasing_mid_generation_frees_every_session(workers, oracle, tokenizers, quick_family):
     placement, worker_objects = workers
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     requests = [make_request(i, "mixed", m, tokenizers, SamplingParams(temperature=0, max_tokens=30), draft_k=2) for i, m in enumerate(questions(quick_family))]
     engine.step(requests)
     engine.step(requests)
@@ -71,7 +71,7 @@ def test_releasing_mid_generation_frees_every_session(workers, oracle, tokenizer
 @pytest.mark.parametrize("draft_k", [1, 3])
 def test_every_cache_plus_its_unsent_tokens_is_the_whole_sequence(workers, oracle, tokenizers, quick_family, draft_k):
     placement, _ = workers
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     requests = [make_request(i, "upscaled", m, tokenizers, SamplingParams(temperature=0.7, seed=i, max_tokens=20), draft_k=draft_k) for i, m in enumerate(questions(quick_family))]
     checked = 0
     while not all(r.done for r in requests):
@@ -79,7 +79,7 @@ def test_every_cache_plus_its_unsent_tokens_is_the_whole_sequence(workers, oracl
         for r in (r for r in requests if not r.done):
             drafter = r.composition.drafter_model
             for key, model in [*((m, m) for m in r.composition.scored_models), ("#draft", drafter)]:
-                assert r.cached[key] + len(r.unsent[key]) == len(r.prompts[model]) + len(r.tokens), (r.id, key)
+                assert r.cache.cached[key] + len(r.cache.unsent[key]) == len(r.prompts[model]) + len(r.tokens), (r.id, key)
                 checked += 1
     engine.wait_released()  # releases run off the loop: the module's next test starts with empty workers
     assert checked > 20
@@ -97,8 +97,8 @@ def test_requests_spread_over_replicas_and_stay_on_theirs(quick_family, oracle, 
     base, pairs = load(["large-base", "large-tuned"]), [load(["small-base", "small-tuned", "small-safe"]) for _ in range(2)]
     pair_clients = [InProcessWorkerClient(p) for p in pairs]
     placement = {"large-base": InProcessWorkerClient(base), "large-tuned": InProcessWorkerClient(base)}
-    placement.update({m: pair_clients for m in ("small-base", "small-tuned", "small-safe")})
-    engine = Engine(placement, oracle.vocab_sizes)
+    pools = pools_of(placement) | {"pair": ReplicaPool(("small-base", "small-tuned", "small-safe"), tuple(pair_clients))}
+    engine = Engine(pools, oracle.vocab_sizes)
     params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
     asked = questions(quick_family)
     requests = [make_request(i, "mixed", m, tokenizers, params, draft_k=2) for i, m in enumerate(asked)]
@@ -114,24 +114,24 @@ def test_replica_changes_apply_to_new_requests_and_an_empty_group_is_unavailable
     from services.worker.client import GrpcWorkerClient
 
     placement, worker_objects = workers
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     params = SamplingParams(temperature=0, max_tokens=4, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
-    pair_models = ["small-base", "small-tuned", "small-safe"]
-    engine.set_replicas(pair_models, [])
+    pair = engine.pool_of["small-tuned"]  # the pair worker's group
+    engine.set_replicas(pair, [])
     refused = make_request(0, "upscaled", questions(quick_family)[0], tokenizers, params)
     engine.step([refused])
     assert refused.finish_reason == "error" and refused.error.code == "UNAVAILABLE" and "small-tuned" in refused.error.message
     assert refused.placement == {} and sum(w.info().sessions for w in worker_objects) == 0
 
     gone = GrpcWorkerClient("127.0.0.1:1", timeout=5)  # nothing listens there: a replica that died
-    engine.set_replicas(pair_models, [gone])
+    engine.set_replicas(pair, [gone])
     failed = make_request(1, "upscaled", questions(quick_family)[0], tokenizers, params)
     engine.step([failed])  # the pair's call fails, the base's succeeds; releasing on the dead replica is logged, not raised
     engine.wait_released()
     assert failed.error.code == "UNAVAILABLE" and failed.placement == {}
     assert sum(w.info().sessions for w in worker_objects) == 0
 
-    engine.set_replicas(pair_models, [placement["small-base"]])
+    engine.set_replicas(pair, [placement["small-base"]])
     served = make_request(2, "upscaled", questions(quick_family)[0], tokenizers, params)
     run(engine, [served])
     assert served.tokens == oracle.generate("upscaled", questions(quick_family)[0], params).generation.tokens
@@ -141,7 +141,7 @@ def test_a_cache_the_worker_lost_fails_its_request_instead_of_decoding_from_a_wr
     """A worker that freed a request's sessions (idle timeout, or a new replica at the same
     address) answers the next call from an empty cache: the engine notices the length."""
     placement, worker_objects = workers
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     params = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
     lost, other = (make_request(i, "upscaled", m, tokenizers, params) for i, m in enumerate(questions(quick_family)[:2]))
     engine.step([lost, other])
@@ -157,7 +157,7 @@ def test_a_cache_the_worker_lost_fails_its_request_instead_of_decoding_from_a_wr
 @pytest.mark.parametrize("draft_cost, grows", [(0.02, True), (2.0, False)])
 def test_adaptive_k_follows_acceptance_and_draft_cost(workers, oracle, tokenizers, quick_family, draft_cost, grows):
     placement, _ = workers
-    engine = Engine(placement, oracle.vocab_sizes)
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
     engine.draft_cost, engine._measure_draft_cost = draft_cost, lambda *timings: None  # a fixed cost model
     params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
     requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=1) for i, m in enumerate(questions(quick_family))]

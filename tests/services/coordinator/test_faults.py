@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from eft_core import EFTError, SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, ReplicaPool, pools_of
 from services.coordinator.health import BASE_EJECTION_S, CallPolicy
 from services.coordinator.scheduler import Scheduler
 from services.errors import status_of
@@ -90,7 +90,7 @@ def test_a_stalled_replica_fails_only_its_requests_others_see_one_short_gap_and_
     base = replicas.start(BASE)
     stalled, healthy = replicas.start(PAIR), replicas.start(PAIR)
     pair = [replicas.clients[stalled], replicas.clients[healthy]]
-    engine = Engine({**{m: [replicas.clients[base]] for m in BASE}, **{m: pair for m in PAIR}}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
+    engine = Engine({"base": ReplicaPool(tuple(BASE), (replicas.clients[base],)), "pair": ReplicaPool(tuple(PAIR), tuple(pair))}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
     scheduler = Scheduler(engine, max_running=16)
     try:
         long = SamplingParams(temperature=1.0, seed=3, max_tokens=400)  # no stop tokens: they run through the stall
@@ -140,7 +140,7 @@ def test_a_replica_failing_every_call_leaves_placement_after_its_first_failure(r
     base = replicas.start(BASE)
     good, broken = replicas.start(PAIR), replicas.start(PAIR, FailingWorker)
     pair = [replicas.clients[good], replicas.clients[broken]]
-    engine = Engine({**{m: [replicas.clients[base]] for m in BASE}, **{m: pair for m in PAIR}}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
+    engine = Engine({"base": ReplicaPool(tuple(BASE), (replicas.clients[base],)), "pair": ReplicaPool(tuple(PAIR), tuple(pair))}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
     scheduler = Scheduler(engine, max_running=8)
     params = greedy(tokenizers, 6)
     asked = questions(quick_family, n=4)
@@ -169,15 +169,15 @@ def test_a_replica_failing_every_call_leaves_placement_after_its_first_failure(r
 
 def test_a_lost_cache_with_a_pending_rollback_fails_that_request_alone(replicas, oracle, tokenizers, quick_family):
     base, pair = replicas.start(BASE), replicas.start(PAIR)
-    engine = Engine({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[pair] for m in PAIR}}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
+    engine = Engine(pools_of({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[pair] for m in PAIR}}), oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
     params = greedy(tokenizers, 24)
     asked = questions(quick_family, n=2)
     lost, mate = (make_request(i, "upscaled", asked[i], tokenizers, params, draft_k=4) for i in range(2))
     for _ in range(20):  # until a rejected draft leaves a rollback to ride on the next call
         engine.step([lost, mate])
-        if lost.rollback:
+        if lost.cache.rollback:
             break
-    assert lost.rollback and not lost.done
+    assert lost.cache.rollback and not lost.done
     for worker in (base, pair):
         worker.release([lost.id, lost.id + "#draft"])  # freed as idle, say
     run(engine, [lost, mate])
@@ -189,7 +189,7 @@ def test_a_lost_cache_with_a_pending_rollback_fails_that_request_alone(replicas,
 
 def test_a_full_worker_fails_the_request_over_its_budget_as_overloaded(replicas, oracle, tokenizers, quick_family):
     base, pair = replicas.start(BASE), replicas.start(PAIR, limits=WorkerLimits(max_sessions=4))  # both drafters, then one request's 2 scored caches
-    engine = Engine({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[pair] for m in PAIR}}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
+    engine = Engine(pools_of({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[pair] for m in PAIR}}), oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
     params = greedy(tokenizers, 8)
     asked = questions(quick_family, n=2)
     served, refused = (make_request(i, "upscaled", asked[i], tokenizers, params, draft_k=2) for i in range(2))
@@ -203,7 +203,7 @@ def test_a_full_worker_fails_the_request_over_its_budget_as_overloaded(replicas,
 
 def test_health_reports_a_composition_whose_only_replica_is_out(replicas, oracle, tokenizers, quick_family):
     base, pair = replicas.start(BASE), replicas.start(PAIR)
-    engine = Engine({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[pair] for m in PAIR}}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
+    engine = Engine(pools_of({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[pair] for m in PAIR}}), oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
     scheduler = Scheduler(engine)
     gateway = Gateway(family_compositions(), tokenizers, model_contexts(replicas.clients.values()), scheduler, "upscaled")
     server, port = create_gateway_server(gateway)
@@ -244,7 +244,7 @@ def test_health_reports_a_composition_whose_only_replica_is_out(replicas, oracle
 def test_a_replica_error_is_never_invalid_argument(replicas, oracle, tokenizers, quick_family):
     """Each way a worker fails reaches the request as a server-side status."""
     base, broken = replicas.start(BASE), replicas.start(PAIR, FailingWorker)
-    engine = Engine({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[broken] for m in PAIR}}, oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
+    engine = Engine(pools_of({**{m: replicas.clients[base] for m in BASE}, **{m: replicas.clients[broken] for m in PAIR}}), oracle.vocab_sizes, calls=CallPolicy(timeout_s=TIMEOUT_S))
     request = make_request(0, "upscaled", questions(quick_family)[0], tokenizers, SamplingParams(temperature=1.0, seed=7, max_tokens=4), draft_k=2)
     run(engine, [request])
     assert isinstance(request.error, EFTError) and request.error.code == "UNAVAILABLE" and "INTERNAL" in request.error.message, request.error

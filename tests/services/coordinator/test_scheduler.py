@@ -6,7 +6,7 @@ import time
 import pytest
 
 from eft_core import ResourceExhaustedError, SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from tests.services.coordinator.helpers import make_request, questions
 
@@ -14,7 +14,7 @@ from tests.services.coordinator.helpers import make_request, questions
 @pytest.fixture
 def scheduler(workers, oracle):
     placement, _ = workers
-    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes), max_running=8, max_waiting=16)
+    scheduler = Scheduler(Engine(pools_of(placement), oracle.vocab_sizes), max_running=8, max_waiting=16)
     yield scheduler
     scheduler.close()
 

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
@@ -27,7 +27,7 @@ EXAMPLES = 500
 @pytest.fixture(scope="module")
 def live(quick_family, oracle, tokenizers):
     placement, workers, stop_workers = start_workers(quick_family, "grpc")
-    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes), max_running=8, max_waiting=64)
+    scheduler = Scheduler(Engine(pools_of(placement), oracle.vocab_sizes), max_running=8, max_waiting=64)
     limits = Limits(max_prompt_tokens=48, max_tokens=6, default_max_tokens=3, max_stop_strings=4)
     server, port = create_server(Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", limits), "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -12,7 +12,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from eft_core import SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
@@ -31,7 +31,7 @@ MAX_REQUEST_BYTES = 64 << 10
 def server(quick_family, oracle, tokenizers):
     placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
     metrics = ServingMetrics()
-    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes, metrics=metrics), max_running=8, max_waiting=2)
+    scheduler = Scheduler(Engine(pools_of(placement), oracle.vocab_sizes, metrics=metrics), max_running=8, max_waiting=2)
     gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=40, max_request_bytes=MAX_REQUEST_BYTES), metrics)
     metrics.add_state(scheduler_state(scheduler))
     metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}, lambda client: None))

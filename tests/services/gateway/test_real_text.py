@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from eft_core import SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.family.evaluate import open_engine
@@ -41,7 +41,7 @@ def bpe_oracle(bpe_family):
 def stack(bpe_family, bpe_oracle):
     placement, worker_objects, stop_workers = start_workers(bpe_family, "grpc")
     tokenizers = {n: AutoTokenizer.from_pretrained(bpe_family.model_path(n)) for n in bpe_family.manifest["models"]}
-    scheduler = Scheduler(Engine(placement, bpe_oracle.vocab_sizes), max_running=16, max_waiting=64)
+    scheduler = Scheduler(Engine(pools_of(placement), bpe_oracle.vocab_sizes), max_running=16, max_waiting=64)
     gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=64))
     grpc_server, grpc_port = create_server(gateway, "127.0.0.1:0")
     http, http_port = start_http_server(create_app(gateway), "127.0.0.1", 0)

@@ -9,7 +9,7 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
@@ -41,7 +41,7 @@ def secured(quick_family, oracle, tokenizers, tmp_path_factory):
     (folder / "token").write_text(TOKEN + "\n")
     security = Security.from_files(files["cert"], files["key"], str(folder / "token"))
     placement, _, stop_workers = start_workers(quick_family, "grpc")
-    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes))
+    scheduler = Scheduler(Engine(pools_of(placement), oracle.vocab_sizes))
     gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=16))
     grpc_server, grpc_port = create_server(gateway, "127.0.0.1:0", security)
     http, http_port = start_http_server(create_app(gateway, security), "127.0.0.1", 0, (files["cert"], files["key"]))

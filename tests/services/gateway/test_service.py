@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from eft_core import SamplingParams
-from services.coordinator.engine import Engine
+from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
@@ -26,7 +26,7 @@ OFF, FIXED, ADAPTIVE = eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FI
 @pytest.fixture(scope="module")
 def service(quick_family, oracle, tokenizers):
     placement, worker_objects, stop_workers = start_workers(quick_family, "grpc")
-    scheduler = Scheduler(Engine(placement, oracle.vocab_sizes), max_running=16, max_waiting=32)
+    scheduler = Scheduler(Engine(pools_of(placement), oracle.vocab_sizes), max_running=16, max_waiting=32)
     gateway = Gateway(family_compositions(), tokenizers, model_contexts(placement.values()), scheduler, "upscaled", Limits(max_tokens=40))
     server, port = create_server(gateway, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -8,7 +8,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from eft_core import Composition, Delta, InvalidArgumentError, SamplingParams
-from services.coordinator.engine import Engine, EngineRequest
+from services.coordinator.engine import Engine, EngineRequest, pools_of
 from services.oracle import LoadedModel, OracleEngine, load_model
 from services.prompts import render_prompt
 from services.worker.api import DraftItem, ExtendItem, WorkerLimits
@@ -119,7 +119,7 @@ def test_upscaled_greedy_with_this_base_equals_the_oracle(architecture, bpe_fami
     oracle = OracleEngine(loaded, {"upscaled": upscaled})
     base_worker = InProcessWorkerClient(ModelWorker([load_hosted_model("base", folder)]))
     pair_worker = InProcessWorkerClient(ModelWorker([load_hosted_model(m, bpe_family.model_path(m)) for m in pair]))
-    engine = Engine({"base": base_worker, "small-tuned": pair_worker, "small-base": pair_worker}, oracle.vocab_sizes)
+    engine = Engine(pools_of({"base": base_worker, "small-tuned": pair_worker, "small-base": pair_worker}), oracle.vocab_sizes)
     prompts = [[{"role": "user", "content": f"what is the capital of {city} ?"}] for city in ("東京", "Zürich", "Москва")]
     params = SamplingParams(temperature=0, max_tokens=12)
     requests = [EngineRequest(f"r{i}-{k}", upscaled, _rendered(loaded, upscaled, p), params, upscaled.weights(), k) for i, p in enumerate(prompts) for k in (0, 3)]
