@@ -18,12 +18,13 @@ Rows may draft different numbers of tokens: ``num_draft[b] <= k``; positions pas
 own count are padding and never read.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from eft_core.errors import require
-from eft_core.sampling import per_row_random, sample_from_probs
+from eft_core.sampling import sample_from_probs
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,34 @@ class AcceptedDrafts:
     num_accepted: torch.Tensor  # [batch] int64, in [0, num_draft[b]]
     output_tokens: torch.Tensor  # [batch, k + 1] int64: accepted drafts, then the recovered/bonus token, then -1
 
+    @staticmethod
+    def of(emitted: list[list[int]], k: int) -> "AcceptedDrafts":
+        """From each row's emitted tokens (accepted drafts, then one more)."""
+        padded = [tokens + [-1] * (k + 1 - len(tokens)) for tokens in emitted]
+        return AcceptedDrafts(torch.tensor([len(t) - 1 for t in emitted], dtype=torch.int64), torch.tensor(padded, dtype=torch.int64).reshape(len(emitted), k + 1))
+
     @property
     def num_emitted(self) -> torch.Tensor:  # [batch]: accepted + the one recovered or bonus token
         return self.num_accepted + 1
 
     def emitted(self, row: int) -> list[int]:
         return self.output_tokens[row, : int(self.num_emitted[row])].tolist()
+
+
+@dataclass(frozen=True)
+class DraftProbs:
+    """q at the drafted positions of a batch, laid row after row (row b's k_b positions), as
+    acceptance reads it: q_j(d_j) at every draft, and the whole q_j only at a row's first
+    rejected draft. A drafter's q is often sparse (greedy or filtered drafting), so the whole
+    rows stay as they travel until asked for."""
+
+    at_drafts: torch.Tensor  # [sum(k_b)] float32: q_j(d_j)
+    rows: Callable[[list[int]], torch.Tensor]  # positions -> [len(positions), vocab]: the whole q_j there
+
+    @staticmethod
+    def dense(q: torch.Tensor, draft_tokens: list[int]) -> "DraftProbs":  # q [sum(k_b), vocab]; the drafts, row after row
+        tokens = torch.tensor(draft_tokens, dtype=torch.int64, device=q.device)
+        return DraftProbs(q[torch.arange(len(tokens), device=q.device), tokens], lambda positions: q[positions])
 
 
 def accept_drafts(
@@ -48,38 +71,26 @@ def accept_drafts(
     target_probs: torch.Tensor,  # [batch, k + 1, vocab] p
     generators: dict[int, torch.Generator],  # seeded rows' generators
 ) -> AcceptedDrafts:
-    """The exact rejection rule for a batch of rows with different draft lengths."""
-    batch, k = _check_shapes(draft_tokens, num_draft, draft_probs, target_probs)
-    rows = torch.arange(batch)
-    drafts = draft_tokens.long()[..., None]
-    p_draft = target_probs[:, :k].gather(-1, drafts).squeeze(-1)  # [batch, k]
-    q_draft = draft_probs.gather(-1, drafts).squeeze(-1)  # [batch, k]
-    uniform = per_row_random((batch, k), generators, lambda t, g: t.uniform_(generator=g))
-    # accept d_j with probability min(1, p/q): u < p/q, written without dividing (u in [0, 1))
-    accepted = (uniform * q_draft < p_draft) & (torch.arange(k) < num_draft[:, None])
-    num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # leading run of acceptances
-    # the next distribution: recovered max(0, p - q) after a rejection, else bonus p_{k+1}
-    p_next = target_probs[rows, num_accepted]  # [batch, vocab]
-    q_padded = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, target_probs.shape[-1])], dim=1)
-    q_next = torch.where((num_accepted < num_draft)[:, None], q_padded[rows, num_accepted], 0.0)
-    residual = (p_next - q_next).clamp_min(0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)  # p == q: never rejected
-    next_token = sample_from_probs(residual, generators)
-    return AcceptedDrafts(num_accepted, _output_tokens(draft_tokens.long(), num_accepted, next_token))
+    """The exact rejection rule for rows padded to k drafts: ``accept_ragged`` on the rows
+    without their padding."""
+    _, k = _check_shapes(draft_tokens, num_draft, draft_probs, target_probs)
+    counts = num_draft.tolist()
+    drafts = [draft_tokens[b, :n].tolist() for b, n in enumerate(counts)]
+    p = torch.cat([target_probs[b, : n + 1] for b, n in enumerate(counts)])
+    q = torch.cat([draft_probs[b, :n] for b, n in enumerate(counts)])
+    return AcceptedDrafts.of(accept_ragged(drafts, p, DraftProbs.dense(q, sum(drafts, [])), generators), k)
 
 
 def accept_ragged(
     draft_tokens: list[list[int]],  # per row its k_b drafts (k_b may be 0: plain sampling)
     target_probs: torch.Tensor,  # [sum(k_b + 1), vocab] p: each row's k_b + 1 positions, row after row
-    draft_probs: torch.Tensor,  # [sum(k_b), vocab] q: each row's k_b positions, row after row
+    draft_probs: DraftProbs,  # q at each row's k_b positions, row after row
     generators: dict[int, torch.Generator],  # seeded rows' generators
 ) -> list[list[int]]:  # per row: its accepted drafts, then the recovered or bonus token
-    """``accept_drafts`` for rows of different draft lengths without padding them, so the
-    coordinator decides every request of a batch at once. The same rule and the same random
-    numbers per row: k_b uniforms, then the next token's draw, from the row's generator; a
-    seeded row's output is the one ``accept_drafts`` gives it alone, and a row with k_b = 0
-    is plain sampling from p."""
+    """The rule for a batch of rows of different draft lengths, unpadded, so the coordinator
+    decides every request of a batch at once. Per row, from its generator: k_b uniforms,
+    then the next token's draw; a seeded row's output does not depend on its batch-mates,
+    and a row with k_b = 0 is plain sampling from p."""
     counts = torch.tensor([len(d) for d in draft_tokens], dtype=torch.int64)
     batch, k = len(draft_tokens), int(counts.max()) if draft_tokens else 0
     p_start = torch.cumsum(counts + 1, dim=0) - (counts + 1)  # each row's first target position
@@ -89,16 +100,20 @@ def accept_ragged(
     p_rows = torch.where(valid, p_start[:, None] + torch.arange(k), 0)
     q_rows = torch.where(valid, q_start[:, None] + torch.arange(k), 0)
     p_draft = target_probs[p_rows, drafts] if k else torch.zeros(batch, 0)
-    q_draft = draft_probs[q_rows, drafts] if k else torch.zeros(batch, 0)
+    q_draft = draft_probs.at_drafts[q_rows] if k else torch.zeros(batch, 0)
     uniform = _ragged_uniforms(counts, k, generators)
+    # accept d_j with probability min(1, p/q): u < p/q, written without dividing (u in [0, 1))
     accepted = (uniform * q_draft < p_draft) & valid
-    num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
+    num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # leading run of acceptances
+    # the next distribution: recovered max(0, p - q) after a rejection, else bonus p_{k+1}
     p_next = target_probs[p_start + num_accepted]
     rejected = num_accepted < counts
-    q_next = torch.where(rejected[:, None], draft_probs[torch.where(rejected, q_start + num_accepted, 0)], 0.0) if draft_probs.shape[0] else torch.zeros_like(p_next)
+    q_next = torch.zeros_like(p_next)
+    if bool(rejected.any()):
+        q_next[rejected] = draft_probs.rows((q_start + num_accepted)[rejected].tolist())
     residual = (p_next - q_next).clamp_min(0)
     mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)  # p == q: never rejected
     next_token = sample_from_probs(residual, generators)
     return [d[:n] + [int(t)] for d, n, t in zip(draft_tokens, num_accepted.tolist(), next_token)]
 
@@ -107,7 +122,9 @@ def accept_greedy_ragged(
     draft_tokens: list[list[int]],  # per row its k_b drafts
     target_argmax: torch.Tensor,  # [sum(k_b + 1)] the target's greedy token per position, row after row
 ) -> list[list[int]]:
-    """``accept_drafts_greedy`` for rows of different draft lengths, unpadded."""
+    """Greedy form (temperature 0): accept while the draft equals the target's argmax; the
+    recovered token is the target's argmax at the first mismatch, the bonus its argmax after
+    the last draft."""
     out, start = [], 0
     best = target_argmax.tolist()
     for drafts in draft_tokens:
@@ -141,27 +158,14 @@ def accept_drafts_greedy(
     num_draft: torch.Tensor,  # [batch] int64 in [0, k]
     target_argmax: torch.Tensor,  # [batch, k + 1] int64: the target's greedy token per position
 ) -> AcceptedDrafts:
-    """Greedy form (temperature 0): accept while the draft equals the target's argmax; the
-    recovered token is the target's argmax at the first mismatch, the bonus its argmax at k+1."""
+    """``accept_greedy_ragged`` for rows padded to k drafts."""
     batch, k = draft_tokens.shape
     require(tuple(target_argmax.shape) == (batch, k + 1), "target_argmax", f"shape {tuple(target_argmax.shape)}, expected {(batch, k + 1)}")
     _check_num_draft(num_draft, batch, k)
-    matches = (draft_tokens.long() == target_argmax[:, :k]) & (torch.arange(k) < num_draft[:, None])
-    num_accepted = matches.long().cumprod(dim=-1).sum(dim=-1)
-    next_token = target_argmax.gather(-1, num_accepted[:, None]).squeeze(-1)
-    return AcceptedDrafts(num_accepted, _output_tokens(draft_tokens.long(), num_accepted, next_token))
-
-
-def _output_tokens(
-    draft_tokens: torch.Tensor,  # [batch, k]
-    num_accepted: torch.Tensor,  # [batch]
-    next_token: torch.Tensor,  # [batch]
-) -> torch.Tensor:  # [batch, k + 1]
-    batch, k = draft_tokens.shape
-    positions = torch.arange(k + 1)
-    padded = torch.cat([draft_tokens, torch.full((batch, 1), -1)], dim=1)
-    out = torch.where(positions < num_accepted[:, None], padded, -1)
-    return out.scatter(-1, num_accepted[:, None], next_token[:, None])
+    counts = num_draft.tolist()
+    drafts = [draft_tokens[b, :n].tolist() for b, n in enumerate(counts)]
+    best = torch.cat([target_argmax[b, : n + 1] for b, n in enumerate(counts)])
+    return AcceptedDrafts.of(accept_greedy_ragged(drafts, best), k)
 
 
 def _check_shapes(draft_tokens, num_draft, draft_probs, target_probs) -> tuple[int, int]:

@@ -16,21 +16,30 @@ _TO_WIRE = {
     torch.float32: (worker_pb2.DTYPE_FLOAT32, "<f4"),
     torch.bfloat16: (worker_pb2.DTYPE_BFLOAT16, "<u2"),  # raw 16-bit patterns
     torch.float16: (worker_pb2.DTYPE_FLOAT16, "<f2"),
+    torch.int32: (worker_pb2.DTYPE_INT32, "<i4"),
 }
 _FROM_WIRE = {wire: (dtype, numpy) for dtype, (wire, numpy) in _TO_WIRE.items()}
 _FROM_WIRE[worker_pb2.DTYPE_UNSPECIFIED] = _FROM_WIRE[worker_pb2.DTYPE_FLOAT32]
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOGITS_DTYPES = {e: d for e, (d, _) in _FROM_WIRE.items() if d.is_floating_point} | {worker_pb2.DTYPE_UNSPECIFIED: None}
 
 
-def wire_dtype(dtype_enum: int) -> torch.dtype:
-    """The torch dtype a request's ``logits_dtype`` asks for (unspecified: float32)."""
-    if dtype_enum not in _FROM_WIRE:
-        raise InvalidArgumentError(f"unknown dtype {dtype_enum}", field="logits_dtype")
-    return _FROM_WIRE[dtype_enum][0]
+def wire_dtype(number: int) -> torch.dtype | None:
+    """The torch dtype a request's ``logits_dtype`` asks for; None (unspecified): each
+    model's own."""
+    if number not in _LOGITS_DTYPES:
+        raise InvalidArgumentError(f"unknown logits dtype {number}", field="logits_dtype")
+    return _LOGITS_DTYPES[number]
 
 
-def to_wire(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> worker_pb2.Tensor:
-    """Encode ``tensor`` (cast to ``dtype``) as raw little-endian bytes."""
+def dtype_enum(dtype: torch.dtype | None) -> int:
+    """``wire_dtype``'s inverse."""
+    return worker_pb2.DTYPE_UNSPECIFIED if dtype is None else _TO_WIRE[dtype][0]
+
+
+def to_wire(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> worker_pb2.Tensor:
+    """Encode ``tensor`` (cast to ``dtype``; None: as it is) as raw little-endian bytes."""
+    dtype = tensor.dtype if dtype is None else dtype
     wire, numpy_dtype = _TO_WIRE[dtype]
     cast = tensor.detach().to("cpu", dtype).contiguous()
     if dtype == torch.bfloat16:

@@ -44,11 +44,11 @@ from eft_core import (
     SamplingParams, SpeculationStats, UnavailableError, eft_logprobs, implicit_rewards,
 )  # fmt: skip
 from eft_core.draft_length import AcceptanceEstimate, best_draft_k
-from eft_core.sampling import draft_distribution, sampling_probs, seeded_generator, stream_seed
-from eft_core.speculative import accept_greedy_ragged, accept_ragged
+from eft_core.sampling import sampling_probs, seeded_generator, stream_seed
+from eft_core.speculative import DraftProbs, accept_greedy_ragged, accept_ragged
 from services.coordinator.health import CallPolicy, ReplicaHealth
 from services.coordinator.ledger import DRAFT, CacheLedger
-from services.worker.api import DraftItem, ExtendItem
+from services.worker.api import DraftItem, Drafted, DraftQ, ExtendItem
 from services.worker.client import WorkerClient
 
 
@@ -121,13 +121,13 @@ class Engine:
     (compositions of different tokenizer families may be served together).
     ``calls``: the deadlines of worker calls."""
 
-    def __init__(self, pools: Mapping[str, ReplicaPool], vocab_sizes: Mapping[str, int], logits_dtype: torch.dtype = torch.float32, metrics=None, calls: CallPolicy = CallPolicy()):
+    def __init__(self, pools: Mapping[str, ReplicaPool], vocab_sizes: Mapping[str, int], metrics=None, calls: CallPolicy = CallPolicy()):
         self.pools = dict(pools)  # replaced whole by set_replicas, never changed in place
         self.pool_of = {model: name for name, pool in self.pools.items() for model in pool.models}
         twice = sorted(m for m in self.pool_of if sum(m in p.models for p in self.pools.values()) > 1)
         if twice:
             raise ValueError(f"models {twice} are in more than one worker group")
-        self.vocab_sizes, self.logits_dtype, self.calls = dict(vocab_sizes), logits_dtype, calls
+        self.vocab_sizes, self.calls = dict(vocab_sizes), calls
         self.metrics = metrics  # services.metrics.ServingMetrics, or None
         self.health = ReplicaHealth()
         self.releaser = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-release")
@@ -258,7 +258,7 @@ class Engine:
         results = {}
         for (r, item), answer in self._call_all(calls, "draft"):
             if self._cache_kept(r, DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
-                results[r.id] = (answer.draft_tokens, answer.logits)
+                results[r.id] = (answer.draft_tokens, answer.q)
         return results
 
     def _score(self, requests: list[EngineRequest], drafted) -> dict[str, dict[str, torch.Tensor]]:
@@ -295,7 +295,7 @@ class Engine:
         per_model = {m: torch.cat([scored[r.id][m][:, :vocab] for r in rows])[:, None] for m in composition.scored_models}  # [positions, 1, vocab]
         weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)])
         target = eft_logprobs(per_model, composition, weights, vocab)[:, 0]  # [positions, vocab]
-        emitted = self._accepted(rows, drafts, positions, target, per_model[composition.nucleus_model][:, 0], [drafted[r.id][1] for r in rows if r.id in drafted])
+        emitted = self._accepted(rows, drafts, positions, target, per_model[composition.nucleus_model][:, 0], [drafted[r.id][1] for r in rows if r.id in drafted], vocab)
         starts = [sum(positions[:i]) for i in range(len(rows))]
         chosen = torch.tensor([start + j for start, tokens in zip(starts, emitted) for j in range(len(tokens))])
         tokens = torch.tensor([t for tokens in emitted for t in tokens])
@@ -311,16 +311,16 @@ class Engine:
             offset += len(row_tokens)
 
     @staticmethod
-    def _accepted(rows, drafts: list[list[int]], positions: list[int], target: torch.Tensor, nucleus_logits: torch.Tensor, draft_logits: list[torch.Tensor]) -> list[list[int]]:
+    def _accepted(rows, drafts: list[list[int]], positions: list[int], target: torch.Tensor, nucleus_logits: torch.Tensor, qs: list[DraftQ], vocab: int) -> list[list[int]]:
         """Per row, its accepted drafts and one recovered or bonus token (or its one sampled
-        token): greedy rows by argmax alone; otherwise the exact rule over p and q."""
+        token): greedy rows by argmax alone; otherwise the exact rule over p and the q each
+        drafter sent."""
         batch = SamplingBatch.from_params([r.params for r in rows], {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
         if batch.all_greedy:
             return accept_greedy_ragged(drafts, target.argmax(dim=-1))
         nucleus = torch.log_softmax(nucleus_logits.float(), dim=-1) if bool(batch.conservative.any()) else None
         p = sampling_probs(target, batch.rows_of([i for i, n in enumerate(positions) for _ in range(n)]), nucleus)
-        q = draft_distribution(torch.cat(draft_logits), batch.rows_of([i for i, d in enumerate(drafts) for _ in d])) if draft_logits else target.new_zeros(0, target.shape[-1])
-        return accept_ragged(drafts, p, q, batch.generators)
+        return accept_ragged(drafts, p, _draft_probs(qs, vocab), batch.generators)
 
     def _observe_drafts(self, r: EngineRequest, drafted: int, accepted: int) -> None:
         r.stats.observe_draft(drafted, accepted)
@@ -360,7 +360,7 @@ class Engine:
                 _fail([r for r, _ in batch], UnavailableError(f"worker replica {_name(client)} left placement ({reason}); retry the request"))
                 continue
             timeout = self.calls.deadline(sum(len(item.token_ids) for _, item in batch))
-            pending[client] = (client.start(method, [item for _, item in batch], self.logits_dtype, timeout), timeout)
+            pending[client] = (client.start(method, [item for _, item in batch], timeout), timeout)
         for client, (call, timeout) in pending.items():
             try:
                 answers = call.result()
@@ -369,7 +369,7 @@ class Engine:
                 continue
             self.health.succeeded(client)
             if self.metrics is not None:
-                seconds, logits_bytes = time.perf_counter() - started, sum(a.logits.nbytes for a in answers if not isinstance(a, EFTError))
+                seconds, logits_bytes = time.perf_counter() - started, sum(_nbytes(a) for a in answers if not isinstance(a, EFTError))
                 self.metrics.observe_worker_call(_name(client), method, seconds, len(answers), logits_bytes)
             for (r, item), answer in zip(calls[client], answers):
                 if isinstance(answer, EFTError):
@@ -385,6 +385,13 @@ class Engine:
         if isinstance(error, DeadlineExceededError):
             return UnavailableError(f"worker replica {_name(client)} did not answer {method} within {timeout:.1f} s; retry the request")
         return UnavailableError(f"worker replica {_name(client)} failed {method} ({error}); retry the request")
+
+
+def _draft_probs(qs: list[DraftQ], vocab: int) -> DraftProbs:
+    """The drafters' q of the speculating rows, row after row, as acceptance reads it."""
+    owner = [(q, j) for q in qs for j in range(len(q.at_drafts))]  # each drafted position's answer and row in it
+    at_drafts = torch.cat([q.at_drafts for q in qs]) if qs else torch.zeros(0)
+    return DraftProbs(at_drafts, lambda positions: torch.cat([owner[i][0].rows([owner[i][1]], vocab) for i in positions]))
 
 
 def _by_composition(requests: list[EngineRequest]) -> dict[str, list[EngineRequest]]:
@@ -409,6 +416,11 @@ def _fail(requests: list[EngineRequest], error: EFTError) -> None:
     for r in requests:
         if not r.done:
             r.error, r.finish_reason = error, "error"
+
+
+def _nbytes(answer) -> int:
+    """The tensor bytes an answer brought: an Extend's logits, a Draft's q."""
+    return answer.q.nbytes if isinstance(answer, Drafted) else answer.logits.nbytes
 
 
 def _name(client: WorkerClient) -> str:

@@ -35,14 +35,58 @@ class DraftItem:
 
 @dataclass(frozen=True)
 class Extended:
-    logits: torch.Tensor  # [num_logits, tokenizer_size] in the requested wire dtype
+    logits: torch.Tensor  # [num_logits, tokenizer_size] in the requested wire dtype (or the model's own)
     cache_length: int
+
+
+@dataclass(frozen=True)
+class DraftQ:
+    """The distribution q a drafter drew each of an item's k drafts from, as it travels:
+    q_j(d_j), and each row whole, dense or sparse (eft.v1.DraftProbs)."""
+
+    at_drafts: torch.Tensor  # [k] float32
+    dense: torch.Tensor | None = None  # [k, vocab] float32, or None when sparse
+    row_sizes: torch.Tensor | None = None  # sparse: [k] int64, each row's nonzero entries
+    indices: torch.Tensor | None = None  # sparse: [entries] int32 token ids, row after row
+    values: torch.Tensor | None = None  # sparse: [entries] float32
+
+    @staticmethod
+    def of(q: torch.Tensor, drafts: torch.Tensor) -> "DraftQ":
+        """From whole rows ([k, vocab] float32) and the drafts drawn from them: sparse when
+        its 8 bytes an entry take less than 4 bytes a token of every row."""
+        at_drafts = q.gather(-1, drafts.long()[:, None])[:, 0]
+        nonzero = q > 0
+        row_sizes = nonzero.sum(dim=-1)
+        if 2 * int(row_sizes.sum()) >= q.numel():
+            return DraftQ(at_drafts, dense=q)
+        rows, indices = nonzero.nonzero(as_tuple=True)
+        return DraftQ(at_drafts, row_sizes=row_sizes, indices=indices.int(), values=q[rows, indices])
+
+    @staticmethod
+    def one_hot(drafts: torch.Tensor) -> "DraftQ":
+        """Greedy drafting: each q_j is all mass on d_j."""
+        ones = torch.ones(len(drafts))
+        return DraftQ(ones, row_sizes=torch.ones(len(drafts), dtype=torch.int64), indices=drafts.int(), values=ones)
+
+    def rows(self, positions: list[int], vocab: int) -> torch.Tensor:  # [len(positions), vocab] float32
+        if self.dense is not None:
+            return self.dense[positions]
+        starts = torch.cumsum(self.row_sizes, dim=0) - self.row_sizes
+        out = torch.zeros(len(positions), vocab)
+        for i, j in enumerate(positions):
+            span = slice(int(starts[j]), int(starts[j] + self.row_sizes[j]))
+            out[i, self.indices[span].long()] = self.values[span]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.at_drafts, self.dense, self.indices, self.values) if t is not None)
 
 
 @dataclass(frozen=True)
 class Drafted:
     draft_tokens: list[int]
-    logits: torch.Tensor  # [num_draft, tokenizer_size] in the requested wire dtype
+    q: DraftQ  # what each draft was drawn from
     cache_length: int  # the last draft is not in the cache yet
 
 

@@ -1,7 +1,7 @@
 """One client interface to a model worker, over gRPC or in process.
 
-Both transports return the same values (logits already in the wire dtype), so the
-coordinator and tests can use either; only the gRPC one crosses processes.
+Both transports return the same values (logits in the wire dtype: by default each model's
+own), so the coordinator and tests can use either; only the gRPC one crosses processes.
 """
 
 import time
@@ -29,14 +29,15 @@ class PendingCall(Protocol):
 
 class WorkerClient(Protocol):
     """``extend``/``draft`` block; ``start`` issues either without blocking (the coordinator
-    starts one call per worker, then collects them). Model calls answer per item: its result,
-    or the error that refused it. ``timeout``: the call's deadline in seconds (None: the
-    client's default); a call past it raises DeadlineExceededError."""
+    starts one call per worker, then collects them; its logits come in each model's own
+    dtype). Model calls answer per item: its result, or the error that refused it.
+    ``timeout``: the call's deadline in seconds (None: the client's default); a call past it
+    raises DeadlineExceededError."""
 
     def info(self, timeout: float | None = None) -> WorkerInfo: ...
-    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended | EFTError]: ...
-    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted | EFTError]: ...
-    def start(self, method: str, items: list, logits_dtype: torch.dtype = torch.float32, timeout: float | None = None) -> PendingCall: ...
+    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype | None = None) -> list[Extended | EFTError]: ...
+    def draft(self, items: list[DraftItem]) -> list[Drafted | EFTError]: ...
+    def start(self, method: str, items: list, timeout: float | None = None) -> PendingCall: ...
     def truncate(self, session_id: str, model: str, length: int) -> int: ...
     def release(self, session_ids: list[str], timeout: float | None = None) -> int: ...
 
@@ -64,16 +65,16 @@ class InProcessWorkerClient:
     def info(self, timeout=None) -> WorkerInfo:
         return self.worker.info()
 
-    def extend(self, items, logits_dtype=torch.float32):
+    def extend(self, items, logits_dtype=None):
         return self.worker.extend(items, logits_dtype)
 
-    def draft(self, items, logits_dtype=torch.float32):
-        return self.worker.draft(items, logits_dtype)
+    def draft(self, items):
+        return self.worker.draft(items)
 
-    def start(self, method, items, logits_dtype=torch.float32, timeout=None):
+    def start(self, method, items, timeout=None):
         """Runs the call now (in process there is nothing to overlap with)."""
         try:
-            return _Done(getattr(self, method)(items, logits_dtype))
+            return _Done(getattr(self, method)(items))
         except EFTError as error:
             return _Done(error=error)
 
@@ -105,7 +106,7 @@ class GrpcWorkerClient:
         self.timing = {"extend": CallTiming(), "draft": CallTiming()}
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
-        self._methods = {  # raw responses: the logits are decoded as views of the bytes gRPC received
+        self._methods = {  # raw responses: the tensors are decoded as views of the bytes gRPC received
             "extend": (self._raw("Extend", worker_pb2.ExtendRequest), convert.extend_request, convert.raw_decoder(worker_pb2.ExtendResponse, convert.extended_from_proto, convert.EXTEND_TENSORS)),
             "draft": (self._raw("Draft", worker_pb2.DraftRequest), convert.draft_request, convert.raw_decoder(worker_pb2.DraftResponse, convert.drafted_from_proto, convert.DRAFT_TENSORS)),
         }
@@ -123,16 +124,19 @@ class GrpcWorkerClient:
     def info(self, timeout=None) -> WorkerInfo:
         return convert.info_from_proto(self._call(self.stub.Info, worker_pb2.InfoRequest(), timeout))
 
-    def extend(self, items, logits_dtype=torch.float32):
-        return self.start("extend", items, logits_dtype).result()
+    def extend(self, items, logits_dtype=None):
+        return self._start("extend", convert.extend_request(items, logits_dtype)).result()
 
-    def draft(self, items, logits_dtype=torch.float32):
-        return self.start("draft", items, logits_dtype).result()
+    def draft(self, items):
+        return self.start("draft", items).result()
 
-    def start(self, method, items, logits_dtype=torch.float32, timeout=None) -> "_GrpcCall":
+    def start(self, method, items, timeout=None) -> "_GrpcCall":
         """Issue an Extend or Draft call without blocking; ``.result()`` waits for it."""
-        rpc, encode, decode = self._methods[method]
-        return _GrpcCall(rpc.future(encode(items, logits_dtype), timeout=timeout or self.timeout), decode, self.timing[method])
+        return self._start(method, self._methods[method][1](items), timeout)
+
+    def _start(self, method: str, request, timeout: float | None = None) -> "_GrpcCall":
+        rpc, _, decode = self._methods[method]
+        return _GrpcCall(rpc.future(request, timeout=timeout or self.timeout), decode, self.timing[method])
 
     def truncate(self, session_id, model, length):
         request = worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length)

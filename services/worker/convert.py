@@ -3,16 +3,11 @@
 import torch
 
 from eft_core import EFTError, InvalidArgumentError, SamplingParams
+from eft_core.errors import require
 from services.errors import error_from_status, status_number
 from services.pb.eft.v1 import worker_pb2
-from services.wire import from_wire, tensor_payloads, to_wire
-from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo
-
-_WIRE_ENUM = {torch.float32: worker_pb2.DTYPE_FLOAT32, torch.bfloat16: worker_pb2.DTYPE_BFLOAT16, torch.float16: worker_pb2.DTYPE_FLOAT16}
-
-
-def dtype_enum(dtype: torch.dtype) -> int:
-    return _WIRE_ENUM[dtype]
+from services.wire import dtype_enum, from_wire, tensor_payloads, to_wire
+from services.worker.api import DraftItem, Drafted, DraftQ, ExtendItem, Extended, ModelInfo, WorkerInfo
 
 
 def extend_items_from_proto(request: worker_pb2.ExtendRequest) -> list[ExtendItem]:
@@ -23,14 +18,14 @@ def _truncate_to(item) -> int | None:
     return item.truncate_to if item.HasField("truncate_to") else None
 
 
-def extend_request(items: list[ExtendItem], logits_dtype: torch.dtype) -> worker_pb2.ExtendRequest:
+def extend_request(items: list[ExtendItem], logits_dtype: torch.dtype | None = None) -> worker_pb2.ExtendRequest:
     return worker_pb2.ExtendRequest(
         items=[worker_pb2.ExtendItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_logits=i.num_logits, truncate_to=i.truncate_to) for i in items],
         logits_dtype=dtype_enum(logits_dtype),
     )
 
 
-def extend_response(results: list[Extended | EFTError], logits_dtype: torch.dtype) -> worker_pb2.ExtendResponse:
+def extend_response(results: list[Extended | EFTError], logits_dtype: torch.dtype | None = None) -> worker_pb2.ExtendResponse:
     failed = [isinstance(r, EFTError) for r in results]
     return worker_pb2.ExtendResponse(
         logits=[worker_pb2.Tensor() if bad else to_wire(r.logits, logits_dtype) for r, bad in zip(results, failed)],
@@ -39,22 +34,26 @@ def extend_response(results: list[Extended | EFTError], logits_dtype: torch.dtyp
     )
 
 
-EXTEND_TENSORS, DRAFT_TENSORS = (1,), (1, 2)  # where the logits sit: ExtendResponse.logits, DraftResponse.results[].logits
+# Where the tensors sit, as field-number paths (wire.tensor_payloads): ExtendResponse.logits;
+# DraftResponse.results[].q.dense, .indices, .values.
+EXTEND_TENSORS = ((1,),)
+DRAFT_TENSORS = ((1, 4, 2), (1, 4, 4), (1, 4, 5))
 
 
-def extended_from_proto(response: worker_pb2.ExtendResponse, payloads: list | None = None) -> list[Extended | EFTError]:
-    """``payloads``: each tensor's bytes as views of the serialized response (wire.tensor_payloads)."""
-    failed, payloads = _failed_items(response.errors), payloads or [None] * len(response.logits)
-    return [failed.get(i) or Extended(from_wire(t, f"logits[{i}]", d), n) for i, (t, n, d) in enumerate(zip(response.logits, response.cache_lengths, payloads))]
+def extended_from_proto(response: worker_pb2.ExtendResponse, payloads: tuple[list, ...] | None = None) -> list[Extended | EFTError]:
+    """``payloads``: per path of EXTEND_TENSORS, each tensor's bytes as views of the
+    serialized response (wire.tensor_payloads)."""
+    failed, (data,) = _failed_items(response.errors), payloads or ([None] * len(response.logits),)
+    return [failed.get(i) or Extended(from_wire(t, f"logits[{i}]", d), n) for i, (t, n, d) in enumerate(zip(response.logits, response.cache_lengths, data))]
 
 
-def raw_decoder(response_class, decode, path: tuple[int, ...]):
+def raw_decoder(response_class, decode, paths: tuple[tuple[int, ...], ...]):
     """A function from a serialized Extend/Draft response to (answers, the worker's compute
     seconds): parsed for everything but the tensors, whose bytes are views of the response."""
 
     def from_raw(raw: bytes) -> tuple[list, float]:
         response = response_class.FromString(raw)
-        return decode(response, tensor_payloads(raw, path)), response.compute_seconds
+        return decode(response, tuple(tensor_payloads(raw, path) for path in paths)), response.compute_seconds
 
     return from_raw
 
@@ -63,28 +62,47 @@ def draft_items_from_proto(request: worker_pb2.DraftRequest) -> list[DraftItem]:
     return [DraftItem(i.session_id, i.model, list(i.token_ids), i.num_draft, _sampling(i.sampling, n), _truncate_to(i)) for n, i in enumerate(request.items)]
 
 
-def draft_request(items: list[DraftItem], logits_dtype: torch.dtype) -> worker_pb2.DraftRequest:
+def draft_request(items: list[DraftItem]) -> worker_pb2.DraftRequest:
     def sampling(p: SamplingParams) -> worker_pb2.DraftSampling:
         return worker_pb2.DraftSampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, has_seed=p.seed is not None, seed=p.seed or 0)
 
     return worker_pb2.DraftRequest(
         items=[worker_pb2.DraftItem(session_id=i.session_id, model=i.model, token_ids=i.token_ids, num_draft=i.num_draft, sampling=sampling(i.sampling), truncate_to=i.truncate_to) for i in items],
-        logits_dtype=dtype_enum(logits_dtype),
     )
 
 
-def draft_response(results: list[Drafted | EFTError], logits_dtype: torch.dtype) -> worker_pb2.DraftResponse:
+def draft_response(results: list[Drafted | EFTError]) -> worker_pb2.DraftResponse:
     def result(r) -> worker_pb2.DraftResult:
         if isinstance(r, EFTError):
             return worker_pb2.DraftResult()
-        return worker_pb2.DraftResult(draft_tokens=r.draft_tokens, logits=to_wire(r.logits, logits_dtype), cache_length=r.cache_length)
+        return worker_pb2.DraftResult(draft_tokens=r.draft_tokens, cache_length=r.cache_length, q=_draft_probs(r.q))
 
     return worker_pb2.DraftResponse(results=[result(r) for r in results], errors=_item_errors(results))
 
 
-def drafted_from_proto(response: worker_pb2.DraftResponse, payloads: list | None = None) -> list[Drafted | EFTError]:
-    failed, payloads = _failed_items(response.errors), payloads or [None] * len(response.results)
-    return [failed.get(i) or Drafted(list(r.draft_tokens), from_wire(r.logits, f"results[{i}].logits", d), r.cache_length) for i, (r, d) in enumerate(zip(response.results, payloads))]
+def _draft_probs(q: DraftQ) -> worker_pb2.DraftProbs:
+    if q.dense is not None:
+        return worker_pb2.DraftProbs(at_drafts=q.at_drafts.tolist(), dense=to_wire(q.dense, torch.float32))
+    return worker_pb2.DraftProbs(at_drafts=q.at_drafts.tolist(), row_sizes=q.row_sizes.tolist(), indices=to_wire(q.indices, torch.int32), values=to_wire(q.values, torch.float32))
+
+
+def drafted_from_proto(response: worker_pb2.DraftResponse, payloads: tuple[list, ...] | None = None) -> list[Drafted | EFTError]:
+    """``payloads`` as in ``extended_from_proto``, for DRAFT_TENSORS."""
+    failed = _failed_items(response.errors)
+    payloads = payloads or tuple([None] * len(response.results) for _ in DRAFT_TENSORS)
+    return [failed.get(i) or Drafted(list(r.draft_tokens), _draft_q(r.q, f"results[{i}].q", *data), r.cache_length) for i, (r, *data) in enumerate(zip(response.results, *payloads))]
+
+
+def _draft_q(message: worker_pb2.DraftProbs, field: str, dense, indices, values) -> DraftQ:
+    at_drafts = torch.tensor(message.at_drafts, dtype=torch.float32)
+    if message.HasField("dense"):
+        rows = from_wire(message.dense, f"{field}.dense", dense)
+        require(rows.dim() == 2 and rows.shape[0] == len(at_drafts), f"{field}.dense", f"shape {tuple(rows.shape)} does not hold {len(at_drafts)} rows")
+        return DraftQ(at_drafts, dense=rows)
+    row_sizes = torch.tensor(message.row_sizes, dtype=torch.int64)
+    indices, values = from_wire(message.indices, f"{field}.indices", indices), from_wire(message.values, f"{field}.values", values)
+    require(len(row_sizes) == len(at_drafts) and int(row_sizes.sum()) == len(indices) == len(values), field, "row_sizes, indices and values disagree")
+    return DraftQ(at_drafts, row_sizes=row_sizes, indices=indices, values=values)
 
 
 def _item_errors(results: list) -> list[worker_pb2.ItemError]:

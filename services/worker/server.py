@@ -38,19 +38,12 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
 
     @aborts_on_errors
     def Extend(self, request, context):
-        return self._model_call(request, self.worker.extend, convert.extend_items_from_proto, convert.extend_response)
+        dtype = wire_dtype(request.logits_dtype)
+        return _timed(lambda: convert.extend_response(self.worker.extend(convert.extend_items_from_proto(request), dtype), dtype))
 
     @aborts_on_errors
     def Draft(self, request, context):
-        return self._model_call(request, self.worker.draft, convert.draft_items_from_proto, convert.draft_response)
-
-    @staticmethod
-    def _model_call(request, call, items_of, respond):
-        """Run a model call; its response carries the time the worker spent on it."""
-        started, dtype = time.perf_counter(), wire_dtype(request.logits_dtype)
-        response = respond(call(items_of(request), dtype), dtype)
-        response.compute_seconds = time.perf_counter() - started
-        return response
+        return _timed(lambda: convert.draft_response(self.worker.draft(convert.draft_items_from_proto(request))))
 
     @aborts_on_errors
     def Truncate(self, request, context):
@@ -59,6 +52,14 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
     @aborts_on_errors
     def Release(self, request, context):
         return worker_pb2.ReleaseResponse(released=self.worker.release(list(request.session_ids)))
+
+
+def _timed(respond):
+    """A model call's response, carrying the time the worker spent on it."""
+    started = time.perf_counter()
+    response = respond()
+    response.compute_seconds = time.perf_counter() - started
+    return response
 
 
 def create_server(worker: ModelWorker, address: str = "127.0.0.1:0", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:

@@ -70,16 +70,16 @@ def load_tensor_parallel_model(name: str, source: str, tp: int, dtype: torch.dty
 class TensorParallelWorker(ModelWorker):
     """Rank 0's worker: broadcasts each model-running call before running it itself."""
 
-    def extend(self, items, logits_dtype=torch.float32):
+    def extend(self, items, logits_dtype=None):
         with self._serving():
             _broadcast(EXTEND, convert.extend_request(items, logits_dtype))
             return self._extend(items, logits_dtype)
 
-    def draft(self, items, logits_dtype=torch.float32):
+    def draft(self, items):
         items = [_with_seed(item) for item in items]  # every rank must draw the same drafts
         with self._serving():
-            _broadcast(DRAFT, convert.draft_request(items, logits_dtype))
-            return self._draft(items, logits_dtype)
+            _broadcast(DRAFT, convert.draft_request(items))
+            return self._draft(items)
 
     def truncate(self, session_id, model, length):
         with self._serving():
@@ -105,7 +105,7 @@ def follow(worker: ModelWorker) -> None:
             if opcode == EXTEND:
                 worker._extend(convert.extend_items_from_proto(request), wire_dtype(request.logits_dtype))
             elif opcode == DRAFT:
-                worker._draft(convert.draft_items_from_proto(request), wire_dtype(request.logits_dtype))
+                worker._draft(convert.draft_items_from_proto(request))
             elif opcode == TRUNCATE:
                 worker._truncate(request.session_id, request.model, request.length)
             elif opcode == RELEASE:

@@ -18,7 +18,7 @@ from eft_core import EFTError, NotFoundError, ResourceExhaustedError, SamplingBa
 from eft_core.errors import require
 from eft_core.sampling import draft_distribution, sample_from_probs, seeded_generator
 from services.prompts import tokenizer_fingerprint
-from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, ModelInfo, WorkerInfo, WorkerLimits
+from services.worker.api import DraftItem, Drafted, DraftQ, ExtendItem, Extended, ModelInfo, WorkerInfo, WorkerLimits
 from services.worker.architectures import check_supported
 from services.worker.batch import PaddedBatch
 from services.worker.sessions import Session, SessionStore
@@ -101,17 +101,18 @@ class ModelWorker:
         with self.lock:
             return WorkerInfo(models, self.store.max_sessions, self.store.max_cached_tokens, len(self.store), self.store.cached_tokens)
 
-    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype = torch.float32) -> list[Extended | EFTError]:
-        """Append tokens per session and return logits of the last ``num_logits`` positions;
-        per item, its answer or the error that refused it."""
+    def extend(self, items: list[ExtendItem], logits_dtype: torch.dtype | None = None) -> list[Extended | EFTError]:
+        """Append tokens per session and return logits of the last ``num_logits`` positions
+        (in ``logits_dtype``; None: the model's own); per item, its answer or the error that
+        refused it."""
         with self._serving():
             return self._extend(items, logits_dtype)
 
-    def draft(self, items: list[DraftItem], logits_dtype: torch.dtype = torch.float32) -> list[Drafted | EFTError]:
+    def draft(self, items: list[DraftItem]) -> list[Drafted | EFTError]:
         """Append tokens, then sample ``num_draft`` tokens per session in one batched loop;
-        per item, its answer or the error that refused it."""
+        per item, its drafts and the q they were drawn from, or the error that refused it."""
         with self._serving():
-            return self._draft(items, logits_dtype)
+            return self._draft(items)
 
     def truncate(self, session_id: str, model: str, length: int) -> int:
         """Keep the first ``length`` tokens of a session's cache."""
@@ -137,7 +138,7 @@ class ModelWorker:
 
     # --- the verbs, without the lock (a tensor-parallel follower calls these) -------------
 
-    def _extend(self, items: list[ExtendItem], logits_dtype: torch.dtype) -> list[Extended | EFTError]:
+    def _extend(self, items: list[ExtendItem], logits_dtype: torch.dtype | None) -> list[Extended | EFTError]:
         answers = self._admit(items, [0] * len(items), _check_num_logits)
         for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
@@ -149,15 +150,15 @@ class ModelWorker:
                 answers[i] = Extended(self._wire(logits[row, logits.shape[1] - n :], model, logits_dtype), len(sessions[row].tokens))
         return answers
 
-    def _draft(self, items: list[DraftItem], logits_dtype: torch.dtype) -> list[Drafted | EFTError]:
+    def _draft(self, items: list[DraftItem]) -> list[Drafted | EFTError]:
         answers = self._admit(items, [item.num_draft - 1 for item in items], _check_num_draft)
         for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
             batch, sessions = self._batch(model, chosen)
-            drafted = self._draft_loop(model, chosen, batch, sessions, logits_dtype)
+            drafted = self._draft_loop(model, chosen, batch, sessions)
             self._commit(model, chosen, batch, sessions, drafts=[tokens for tokens, _ in drafted])
-            for row, (i, (tokens, logits)) in enumerate(zip(rows, drafted)):
-                answers[i] = Drafted(tokens, logits, len(sessions[row].tokens))
+            for row, (i, (tokens, q)) in enumerate(zip(rows, drafted)):
+                answers[i] = Drafted(tokens, q, len(sessions[row].tokens))
         return answers
 
     def _truncate(self, session_id: str, model: str, length: int) -> int:
@@ -242,40 +243,45 @@ class ModelWorker:
             assert session.kv.length == len(session.tokens), (session.kv.length, len(session.tokens))
             self.store.put(item.session_id, model, session)
 
-    def _draft_loop(self, model: str, items: list[DraftItem], batch: PaddedBatch, sessions: list[Session], logits_dtype) -> list[tuple[list[int], torch.Tensor]]:
-        """Feed each row its new tokens, then sample and feed drafts until every row has its k.
-        Only rows still drafting draw random numbers, so a seeded row ignores its batch-mates."""
+    def _draft_loop(self, model: str, items: list[DraftItem], batch: PaddedBatch, sessions: list[Session]) -> list[tuple[list[int], DraftQ]]:
+        """Feed each row its new tokens, then sample and feed drafts until every row has its k;
+        per row, its drafts and the q each was drawn from (``draft_distribution``: greedy
+        rows' q is one-hot, never computed). Only rows still drafting draw random numbers, so
+        a seeded row ignores its batch-mates."""
         generators = {row: g for row, (item, session) in enumerate(zip(items, sessions)) if (g := self._generator(item, session))}
         sampling = SamplingBatch.from_params([item.sampling for item in items], generators)
         step_logits = batch.step([item.token_ids for item in items], [1] * len(items))[:, -1]
         if self.models[model].sliding_window and len({len(item.token_ids) for item in items}) > 1:
             batch.compact()  # the drafts below are fed one per row per step: no padding between them again
-        tokens, kept = [[] for _ in items], [[] for _ in items]
+        tokens, qs = [[] for _ in items], [[] for _ in items]
         for step in range(max(item.num_draft for item in items)):
             active = [row for row, item in enumerate(items) if step < item.num_draft]
-            wire = self._wire(step_logits[active], model, logits_dtype)
+            logits = self._wire(step_logits[active], model, None)
             chosen = sampling.rows_of(active)
             if chosen.all_greedy:
-                drawn = wire.float().argmax(dim=-1)
+                drawn = logits.argmax(dim=-1)
             else:
-                drawn = sample_from_probs(draft_distribution(wire, chosen), chosen.generators)
+                q = draft_distribution(logits, chosen)
+                drawn = sample_from_probs(q, chosen.generators)
             for position, row in enumerate(active):
                 tokens[row].append(int(drawn[position]))
-                kept[row].append(wire[position])
+                if not items[row].sampling.greedy:
+                    qs[row].append(q[position])
             feed = [[tokens[row][-1]] if step + 1 < item.num_draft else [] for row, item in enumerate(items)]
             if not any(feed):
                 break
             step_logits = batch.step(feed, [len(f) for f in feed])[:, -1]
-        return [(t, torch.stack(k)) for t, k in zip(tokens, kept)]
+        return [(t, DraftQ.of(torch.stack(q), torch.tensor(t)) if q else DraftQ.one_hot(torch.tensor(t))) for t, q in zip(tokens, qs)]
 
     def _generator(self, item: DraftItem, session: Session) -> torch.Generator | None:
         if session.generator is None and item.sampling.seed is not None:
             session.generator = seeded_generator(item.sampling.seed)
         return session.generator
 
-    def _wire(self, logits: torch.Tensor, model: str, dtype: torch.dtype) -> torch.Tensor:
-        """Logits as they travel: the real vocabulary only, in the wire dtype, on the CPU."""
-        return logits[..., : self.models[model].tokenizer_size].to("cpu", dtype)
+    def _wire(self, logits: torch.Tensor, model: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """Logits as they travel: the real vocabulary only, in the wire dtype (None: as the
+        model returns them), on the CPU."""
+        return logits[..., : self.models[model].tokenizer_size].to("cpu", dtype or logits.dtype)
 
 
 def _check_num_logits(i: int, item: ExtendItem) -> None:

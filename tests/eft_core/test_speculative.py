@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eft_core import InvalidArgumentError, accept_drafts, accept_drafts_greedy
-from eft_core.speculative import accept_greedy_ragged, accept_ragged
+from eft_core.speculative import DraftProbs, accept_greedy_ragged, accept_ragged
 from tests.eft_core.helpers import perturbed, random_probs, seeded, tv_distance
 
 
@@ -195,14 +195,14 @@ def test_bad_shapes_and_counts_name_the_field(num_draft, draft_shape, target_k, 
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(0, 4), min_size=1, max_size=6), seed=st.integers(0, 2**31), vocab=st.integers(2, 40))
 def test_ragged_acceptance_gives_each_seeded_row_what_it_gets_alone(lengths, seed, vocab):
-    """One batched acceptance over rows of different draft lengths (0: plain sampling) is,
-    row by row, accept_drafts on that row alone with the same generator: the same tokens."""
+    """One batched acceptance over rows of different draft lengths (0: plain sampling) gives
+    each row the tokens it gets alone with the same generator."""
     generator = seeded(seed)
     q = [random_probs(k, vocab, seed=seed + 2 * b) for b, k in enumerate(lengths)]
     p = [perturbed(random_probs(k + 1, vocab, seed=seed + 2 * b + 1), seed) for b, k in enumerate(lengths)]
     drafts = [torch.multinomial(rows, 1, generator=generator)[:, 0].tolist() if len(rows) else [] for rows in q]
     gens = lambda: {b: torch.Generator().manual_seed(seed + b) for b in range(len(lengths))}  # noqa: E731
-    ragged = accept_ragged(drafts, torch.cat(p), torch.cat(q) if sum(lengths) else torch.zeros(0, vocab), gens())
+    ragged = accept_ragged(drafts, torch.cat(p), DraftProbs.dense(torch.cat(q) if sum(lengths) else torch.zeros(0, vocab), sum(drafts, [])), gens())
     for b, (k, alone_gen) in enumerate(zip(lengths, gens().values())):
         alone = accept_drafts(torch.tensor([drafts[b]], dtype=torch.int64).reshape(1, k), torch.tensor([k]), q[b].reshape(1, k, vocab), p[b][None], {0: alone_gen})
         assert ragged[b] == alone.emitted(0)

@@ -59,7 +59,7 @@ def test_a_rollback_riding_on_extend_and_draft_equals_truncate_first(client, hos
     assert result[0].cache_length == 7 and result[1].cache_length == 7
     drafted = client.draft([DraftItem("s1", "large", [6], 2, SamplingParams(temperature=0), truncate_to=2)])[0]
     assert drafted.cache_length == 2 + 1 + 1  # kept 2, fed 1, and the first of the 2 drafts
-    torch.testing.assert_close(drafted.logits[0], full_logits(large(hosted), seqs["s1"][:2] + [6])[-1], rtol=0, atol=1e-5)
+    assert drafted.draft_tokens[0] == int(full_logits(large(hosted), seqs["s1"][:2] + [6])[-1].argmax())
 
 
 def test_a_bad_or_lost_rollback_fails_its_item_alone_and_changes_nothing(client):
@@ -103,8 +103,27 @@ def test_greedy_draft_equals_hf_greedy_continuation(client, hosted):
             out = model.model.generate(torch.tensor([item.token_ids]), generation_config=config)
         assert result.draft_tokens == out[0, len(item.token_ids) :].tolist()
         assert result.cache_length == len(item.token_ids) + item.num_draft - 1  # the last draft is not fed yet
-        expected = full_logits(model, item.token_ids + result.draft_tokens[:-1])[-item.num_draft :]
-        torch.testing.assert_close(result.logits, expected, rtol=0, atol=1e-5)
+        one_hot = torch.nn.functional.one_hot(torch.tensor(result.draft_tokens), model.tokenizer_size).float()
+        assert torch.equal(result.q.rows(list(range(item.num_draft)), model.tokenizer_size), one_hot)  # greedy q: all mass on the draft
+        assert result.q.at_drafts.tolist() == [1.0] * item.num_draft and result.q.dense is None
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.8, top_p=0.6, seed=6), SamplingParams(temperature=1.2, top_k=7, seed=7)])
+def test_a_sampled_draft_returns_the_q_it_was_drawn_from(client, hosted, params):
+    """q at each drafted position is draft_distribution of the model's logits there (the
+    worker's own numbers: the coordinator divides by them), sparse when filtered."""
+    from eft_core import SamplingBatch
+    from eft_core.sampling import draft_distribution
+
+    model = large(hosted)
+    tokens = sequences(model.tokenizer_size, lengths=(6,))["s0"]
+    result = client.draft([DraftItem("q", "large", tokens, 4, params)])[0]
+    expected = draft_distribution(full_logits(model, tokens + result.draft_tokens[:-1])[-4:], SamplingBatch.from_params([params] * 4))
+    rows = result.q.rows(list(range(4)), model.tokenizer_size)
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
+    assert torch.equal(result.q.at_drafts, rows[torch.arange(4), torch.tensor(result.draft_tokens)])
+    assert bool((result.q.at_drafts > 0).all())  # each draft was drawn from where q has mass
+    assert (result.q.dense is None) == (params.top_p < 1 or params.top_k > 0)
 
 
 def test_seeded_draft_is_reproducible_and_ignores_batch_mates(client, worker, hosted):
