@@ -64,7 +64,8 @@ class ServingMetrics:
         self.accepted_per_position = Counter("eft_spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each draft position (0-based)", c + ["position"], registry=r)
         self.step_latency = Histogram("eft_worker_step_latency_seconds", "Latency of one batched call to a worker, seen by the coordinator", ["worker", "method"], buckets=STEP_BUCKETS, registry=r)
         self.batch_size = Histogram("eft_worker_batch_size", "Sessions in one batched call to a worker", ["worker", "method"], buckets=BATCH_BUCKETS, registry=r)
-        self.logits_bytes = Counter("eft_logits_bytes", "Logits bytes received from workers", ["worker", "method"], registry=r)
+        self.logits_bytes = Counter("eft_logits_bytes", "Tensor bytes received from workers (Extend's logits, Draft's q)", ["worker", "method"], registry=r)
+        self.wire_bytes = Counter("eft_wire_bytes", "Tensor bytes received from workers for a composition's requests; over eft_generation_tokens: wire bytes per token", c, registry=r)
         self.implicit_reward = Histogram("eft_implicit_reward", "Implicit reward log p_tuned - log p_reference of each generated token, per delta", c + ["delta"], buckets=REWARD_BUCKETS, registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         self._state_sources: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
@@ -82,10 +83,12 @@ class ServingMetrics:
         for position in range(num_accepted):
             self.accepted_per_position.labels(composition, str(position)).inc()
 
-    def observe_worker_call(self, worker: str, method: str, seconds: float, batch: int, logits_bytes: int) -> None:
+    def observe_worker_call(self, worker: str, method: str, seconds: float, batch: int, bytes_by_composition: dict[str, int]) -> None:
         self.step_latency.labels(worker, method).observe(seconds)
         self.batch_size.labels(worker, method).observe(batch)
-        self.logits_bytes.labels(worker, method).inc(logits_bytes)
+        self.logits_bytes.labels(worker, method).inc(sum(bytes_by_composition.values()))
+        for composition, received in bytes_by_composition.items():
+            self.wire_bytes.labels(composition).inc(received)
 
     def serve(self, host: str, port: int) -> tuple[object, int]:
         """Start the scrape endpoint (``/metrics``) in a thread; returns the server and its port."""

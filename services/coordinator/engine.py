@@ -351,31 +351,54 @@ class Engine:
                 return
 
     def _call_all(self, calls: dict, method: str):
-        """One call per worker, all started before any is awaited, each under its deadline.
-        A failed call fails just its requests (and ejects its replica); a failed item, just
-        its request. Replicas already out of placement are not called."""
-        started, pending = time.perf_counter(), {}
+        """One call per worker (a few where one answer could pass the message limit), all
+        started before any is awaited, each under its deadline. A failed call fails just its
+        requests (and ejects its replica); a failed item, just its request. Replicas already
+        out of placement are not called."""
+        started, pending = time.perf_counter(), []
         for client, batch in calls.items():
             if (reason := self.health.is_ejected(client)) is not None:
                 _fail([r for r, _ in batch], UnavailableError(f"worker replica {_name(client)} left placement ({reason}); retry the request"))
                 continue
-            timeout = self.calls.deadline(sum(len(item.token_ids) for _, item in batch))
-            pending[client] = (client.start(method, [item for _, item in batch], timeout), timeout)
-        for client, (call, timeout) in pending.items():
+            chunks = self._chunks(batch)
+            timeout = self.calls.deadline(sum(len(item.token_ids) for _, item in batch)) * len(chunks)  # a worker runs them one after another
+            pending += [(client, chunk, client.start(method, [item for _, item in chunk], timeout), timeout) for chunk in chunks]
+        for client, chunk, call, timeout in pending:
             try:
                 answers = call.result()
             except EFTError as error:
-                _fail([r for r, _ in calls[client]], self._call_failed(client, method, timeout, error))
+                _fail([r for r, _ in chunk], self._call_failed(client, method, timeout, error))
                 continue
-            self.health.succeeded(client)
-            if self.metrics is not None:
-                seconds, logits_bytes = time.perf_counter() - started, sum(_nbytes(a) for a in answers if not isinstance(a, EFTError))
-                self.metrics.observe_worker_call(_name(client), method, seconds, len(answers), logits_bytes)
-            for (r, item), answer in zip(calls[client], answers):
+            if self.health.is_ejected(client) is None:
+                self.health.succeeded(client)
+            self._observe_call(client, method, time.perf_counter() - started, chunk, answers)
+            for (r, item), answer in zip(chunk, answers):
                 if isinstance(answer, EFTError):
                     _fail([r], _item_failed(client, answer))
                 else:
                     yield (r, item), answer
+
+    def _chunks(self, batch: list) -> list[list]:
+        """The batch in calls whose answers stay under ``calls.max_answer_bytes``, counting
+        each answered position as a float32 row of its vocabulary (the most an Extend's
+        logits or a Draft's q take)."""
+        chunks, size = [[]], 0
+        for r, item in batch:
+            answer = 4 * self.vocab_sizes[r.composition.name] * (item.num_draft if isinstance(item, DraftItem) else max(1, item.num_logits))
+            if chunks[-1] and size + answer > self.calls.max_answer_bytes:
+                chunks, size = chunks + [[]], 0
+            chunks[-1].append((r, item))
+            size += answer
+        return chunks
+
+    def _observe_call(self, client: WorkerClient, method: str, seconds: float, chunk: list, answers: list) -> None:
+        if self.metrics is None:
+            return
+        by_composition = defaultdict(int)
+        for (r, _), answer in zip(chunk, answers):
+            if not isinstance(answer, EFTError):
+                by_composition[r.composition.name] += _nbytes(answer)
+        self.metrics.observe_worker_call(_name(client), method, seconds, len(answers), dict(by_composition))
 
     def _call_failed(self, client: WorkerClient, method: str, timeout: float, error: EFTError) -> EFTError:
         """What a failed call means for its requests; a replica at fault leaves placement."""

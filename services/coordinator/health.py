@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from eft_core import EFTError
+from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,12 @@ BASE_EJECTION_S, MAX_EJECTION_S = 2.0, 60.0
 
 @dataclass(frozen=True)
 class CallPolicy:
-    """Deadlines of the coordinator's calls to workers. A call's deadline grows with the
-    tokens it sends, so a long prefill is not mistaken for a stalled replica."""
+    """Deadlines and sizes of the coordinator's calls to workers. A call's deadline grows
+    with the tokens it sends, so a long prefill is not mistaken for a stalled replica."""
 
     timeout_s: float = 5.0  # a call that sends no more than a decode step's tokens
     prefill_tokens_per_s: float = 1000.0  # the slowest prefill a healthy worker keeps up
+    max_answer_bytes: int = DEFAULT_MAX_MESSAGE_BYTES // 2  # a larger batch is split over calls: an answer never reaches the gRPC limit
 
     def deadline(self, tokens: int) -> float:
         return self.timeout_s + tokens / self.prefill_tokens_per_s

@@ -168,3 +168,40 @@ def test_adaptive_k_follows_acceptance_and_draft_cost(workers, oracle, tokenizer
     assert (drafted > 2.0) if grows else (drafted == 1.0), drafted
     for r, messages in zip(requests, questions(quick_family)):
         assert r.tokens == oracle.generate("upscaled", messages, params).generation.tokens
+
+
+class _Counting:
+    """A worker client that records each call's method and item count."""
+
+    def __init__(self, client):
+        self.client, self.calls = client, []
+
+    def start(self, method, items, timeout=None):
+        self.calls.append((method, len(items)))
+        return self.client.start(method, items, timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_a_batch_whose_answer_would_pass_the_size_limit_is_split_and_decides_the_same(workers, oracle, tokenizers, quick_family):
+    """With the answer limit set to one speculating item's logits, every call carries one
+    item, and the tokens are the oracle's all the same."""
+    from services.coordinator.health import CallPolicy
+
+    placement, worker_objects = workers
+    counting = {c: _Counting(c) for c in dict.fromkeys(placement.values())}
+    vocab = oracle.vocab_sizes["mixed"]
+    params = SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    asked = questions(quick_family)[:3]
+    for limit, most in [(4 * vocab * 5, 1), (CallPolicy.max_answer_bytes, 3 * 3)]:  # (k + 1) float32 rows; the default
+        engine = Engine(pools_of({m: counting[c] for m, c in placement.items()}), oracle.vocab_sizes, calls=CallPolicy(max_answer_bytes=limit))
+        requests = [make_request(i, "mixed", m, tokenizers, params, draft_k=4) for i, m in enumerate(asked)]
+        run(engine, requests)
+        for r, messages in zip(requests, asked):
+            assert r.tokens == oracle.generate("mixed", messages, params).generation.tokens
+        sizes = [n for c in counting.values() for method, n in c.calls if method == "extend"]
+        assert max(sizes) == most, sizes  # by default one call: 3 requests x the pair's 3 scored models
+        for c in counting.values():
+            c.calls.clear()
+    assert all(w.info().sessions == 0 for w in worker_objects)

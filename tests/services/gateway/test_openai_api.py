@@ -159,7 +159,9 @@ def test_metrics_count_requests_tokens_and_drafts(server, client, quick_family):
     assert delta("eft_implicit_reward_count", composition="upscaled", delta="chat") == generated
     drafted, accepted = delta("eft_spec_decode_num_draft_tokens_total"), delta("eft_spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= drafted and delta("eft_spec_decode_num_accepted_tokens_per_pos_total") == accepted
-    assert delta("eft_worker_step_latency_seconds_count", method="extend") > 0 and delta("eft_logits_bytes_total", method="draft") > 0
+    assert delta("eft_worker_step_latency_seconds_count", method="extend") > 0
+    assert delta("eft_logits_bytes_total", method="draft") == 12 * drafted  # greedy drafting's q: q(d), one index, one value per draft
+    assert delta("eft_wire_bytes_total", composition="upscaled") == delta("eft_logits_bytes_total") > 0
     assert total(after, "eft_num_requests_running") == 0 and total(after, "eft_worker_kv_sessions") == 0
     assert total(after, "process_resident_memory_bytes") > 0
 
