@@ -129,10 +129,11 @@ class _Now:
         return self.answers
 
 
-def measure(composition: Composition, vocab: int, batch: int, mode: str, iterations: int, dtype: torch.dtype = torch.float32) -> dict:
+def measure(composition: Composition, vocab: int, batch: int, mode: str, iterations: int, dtype: torch.dtype = torch.float32, device: str = "cpu", tokens: list | None = None) -> dict:
+    """One cell; ``tokens``, when given, receives each request's tokens (to compare devices)."""
     params, k = MODES[mode]
     workers = {m: InstantWorker(vocab, i, dtype) for i, m in enumerate(composition.models)}
-    engine = Engine(pools_of(workers), {composition.name: vocab})
+    engine = Engine(pools_of(workers), {composition.name: vocab}, device=device)
     requests = [EngineRequest(f"r{i}", composition, {m: list(range(3, 3 + PROMPT)) for m in composition.models}, params, composition.weights(), k) for i in range(batch)]
     engine.step(requests)  # prefill: not measured
     steps, floors, faults, emitted, received_bytes = [], [], [], 0, 0
@@ -152,10 +153,12 @@ def measure(composition: Composition, vocab: int, batch: int, mode: str, iterati
         for tensor in received:
             torch.sum(tensor)
         floors.append(time.perf_counter() - started)
+    if tokens is not None:
+        tokens += [r.tokens for r in requests]
     getattr(engine, "close", lambda: None)()
     step, floor = statistics.median(steps[1:]), statistics.median(floors[1:])
     return {
-        "composition": composition.name, "vocab": vocab, "batch": batch, "mode": mode, "logits_dtype": str(dtype).removeprefix("torch."),
+        "composition": composition.name, "vocab": vocab, "batch": batch, "mode": mode, "logits_dtype": str(dtype).removeprefix("torch."), "device": device,
         "step_ms": 1e3 * step, "floor_ms": 1e3 * floor, "decide_over_floor": step / floor, "page_faults": int(statistics.median(faults[1:])),
         "wire_bytes_per_token": received_bytes / max(emitted, 1),
     }  # fmt: skip
@@ -172,6 +175,7 @@ def main() -> int:
     parser.add_argument("--compositions", default=",".join(COMPOSITIONS), help="(default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per cell; the median is reported (default: %(default)s)")
     parser.add_argument("--logits-dtype", choices=sorted(DTYPE_NAMES), default="float32", help="the models' logits dtype, as they travel (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="where the decide phase runs, the engine's device option (default: %(default)s); the floor stays a CPU read of what arrived")
     parser.add_argument("--out", default=str(Path(__file__).parent / "decide-results.json"), help="results file (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -182,7 +186,7 @@ def main() -> int:
         for vocab in map(int, args.vocab.split(",")):
             for batch in map(int, args.batch.split(",")):
                 for mode in args.modes.split(","):
-                    cell = measure(COMPOSITIONS[name], vocab, batch, mode, args.iterations, dtype)
+                    cell = measure(COMPOSITIONS[name], vocab, batch, mode, args.iterations, dtype, args.device)
                     cell["target"] = TARGETS[mode] if batch >= 8 else None
                     cell["met"] = None if cell["target"] is None else cell["decide_over_floor"] <= cell["target"]
                     cells.append(cell)

@@ -1,6 +1,8 @@
-"""What only a GPU shows, checked in a minute: the model worker places a real-shaped model on
-CUDA, its batched KV-cached Extend equals one full forward there, and its greedy Draft
-equals Hugging Face's greedy generate. Prints a JSON line per check; exits 1 on a failure.
+"""What only a GPU shows, checked in a few minutes: the model worker places a real-shaped
+model on CUDA, its batched KV-cached Extend equals one full forward there, its greedy Draft
+equals Hugging Face's greedy generate, and the coordinator's decide phase on CUDA gives the
+CPU's greedy tokens (with both times per iteration). Prints a JSON line per check; exits 1
+on a failure.
 
     python bench/gpu_check.py [--folder DIR]
 """
@@ -51,7 +53,24 @@ def main() -> int:
     with torch.inference_mode():
         reference = hosted.model.generate(torch.tensor([prompt], device="cuda:0"), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=3)[0, len(prompt) :].tolist()
     report("greedy draft = HF greedy generate (cuda)", drafted == reference, drafted=drafted, reference=reference)
+    check_decide_on_cuda(report)
     return 0 if ok else 1
+
+
+def check_decide_on_cuda(report) -> None:
+    """The coordinator's decide phase with ``device="cuda"`` (bench/decide.py's cells, real
+    shapes): the same greedy tokens as on the CPU, and its time per iteration beside the CPU's."""
+    from decide import COMPOSITIONS, measure  # beside this script
+
+    torch.set_num_threads(1)  # as the gateway replica runs
+    for mode in ("greedy", "sampled", "spec_greedy", "spec_sampled"):
+        for batch in (8, 64):
+            cells, tokens = {}, {}
+            for device in ("cpu", "cuda"):
+                tokens[device] = []
+                cells[device] = measure(COMPOSITIONS["upscaled"], 151936, batch, mode, 3, torch.bfloat16, device, tokens[device])
+            same = tokens["cpu"] == tokens["cuda"] if mode.endswith("greedy") else None
+            report(f"decide on cuda, upscaled V=151936 B={batch} {mode}", same is not False, same_tokens=same, cpu_ms=round(cells["cpu"]["step_ms"], 1), cuda_ms=round(cells["cuda"]["step_ms"], 1), floor_ms=round(cells["cpu"]["floor_ms"], 2))
 
 
 if __name__ == "__main__":

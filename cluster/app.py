@@ -38,7 +38,7 @@ def build_app(config: ServeConfig | dict) -> Application:
             health_check_timeout_s=WORKER_HEALTH_CHECK_TIMEOUT_S,
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})
-    gateway_options = {"num_cpus": config.gateway_num_cpus, "resources": dict(config.gateway_resources), "runtime_env": {"env_vars": COORDINATOR_ENV}}
+    gateway_options = {"num_cpus": config.gateway_num_cpus, "num_gpus": config.gateway_num_gpus, "resources": dict(config.gateway_resources), "runtime_env": {"env_vars": COORDINATOR_ENV}}
     gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=1, ray_actor_options=gateway_options)
     return gateway.bind(config.model_dump(), workers)
 

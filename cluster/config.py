@@ -115,6 +115,8 @@ class ServeConfig(_Strict):
     )
     worker_prefill_tokens_per_s: float = Field(CallPolicy.prefill_tokens_per_s, gt=0, description="the slowest prefill a healthy worker keeps up: a call sending N tokens gets worker_call_timeout_s + N / this")
     gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for the gateway/coordinator replica")
+    gateway_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the gateway/coordinator replica (for decide_device cuda)")
+    decide_device: Literal["cpu", "cuda"] = Field("cpu", description="where the coordinator combines, filters, samples and accepts: cuda moves each iteration's logits to the gateway replica's GPU (needs gateway_num_gpus > 0)")
     gateway_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the gateway replica needs (the Helm chart pins it to the head pod, whose Services expose the public ports)")
 
     def call_policy(self) -> CallPolicy:
@@ -142,6 +144,8 @@ class ServeConfig(_Strict):
                     raise ValueError(f"compositions[{i}].{field}: unknown model {model!r} (models: {sorted(self.models)})")
         if self.default_composition not in {c.name for c in self.compositions}:
             raise ValueError(f"default_composition: no composition {self.default_composition!r}")
+        if self.decide_device == "cuda" and self.gateway_num_gpus <= 0:
+            raise ValueError("decide_device: cuda needs a GPU for the gateway replica: set gateway_num_gpus > 0")
         return self
 
 

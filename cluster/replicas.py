@@ -85,6 +85,12 @@ class WorkerReplica:
             self.worker.stop_followers()
 
 
+def _decide_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("decide_device is cuda, but the gateway replica sees no GPU (gateway_num_gpus reserves one on a node that has it)")
+    return device
+
+
 def _replica_device(device: str) -> str:
     return "cuda:0" if device.startswith("cuda") else device  # a replica sees its own GPU as 0
 
@@ -96,7 +102,7 @@ class GatewayReplica:
         tokenizers = load_tokenizers(config)  # the check `eft serve` made: the same rule
         compositions = {c.name: c.composition() for c in config.compositions}
         metrics = ServingMetrics()
-        engine = Engine({g.name: ReplicaPool(tuple(g.models)) for g in config.worker_groups}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics, calls=config.call_policy())
+        engine = Engine({g.name: ReplicaPool(tuple(g.models)) for g in config.worker_groups}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics, calls=config.call_policy(), device=_decide_device(config.decide_device))
         self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
         await self.directory.start()
         contexts = model_contexts(client for clients in self.directory.clients.values() for client in clients.values())

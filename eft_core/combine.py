@@ -31,8 +31,8 @@ def eft_logprobs(
     """EFT log-probabilities over the shared real vocabulary, DESIGN.md section 2."""
     models = composition.scored_models
     scored = real_vocab_logits({m: _logits_of(logits, m) for m in models}, vocab_size)
-    batch = scored[composition.base].shape[0]
-    coefficients = model_coefficients(composition, weights_matrix(composition, weights, batch))
+    batch, device = scored[composition.base].shape[0], scored[composition.base].device
+    coefficients = model_coefficients(composition, weights_matrix(composition, weights, batch).to(device))
     z = None
     for index, model in enumerate(models):
         c = coefficients[:, index, None, None]  # [batch, 1, 1]
@@ -52,7 +52,7 @@ def model_coefficients(
 ) -> torch.Tensor:  # [batch, n_scored_models]: z = sum_m coefficient_m * logits_m
     """Gather base, tuned and reference terms into one coefficient per distinct model."""
     index = {m: i for i, m in enumerate(composition.scored_models)}
-    coefficients = torch.zeros(weights.shape[0], len(index), dtype=torch.float32)
+    coefficients = torch.zeros(weights.shape[0], len(index), dtype=torch.float32, device=weights.device)
     coefficients[:, index[composition.base]] += 1.0
     for i, delta in enumerate(composition.deltas):
         coefficients[:, index[delta.tuned]] += weights[:, i]
@@ -69,7 +69,7 @@ def weights_matrix(
     n = len(composition.deltas)
     if weights is None:
         weights = composition.weights()
-    weights = torch.as_tensor(weights, dtype=torch.float32)
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=weights.device if isinstance(weights, torch.Tensor) else "cpu")
     if weights.dim() == 1:
         weights = weights.expand(batch, -1)
     require(
@@ -122,7 +122,7 @@ def implicit_rewards(
     index = tokens.long().unsqueeze(-1)
     chosen = {m: x.gather(-1, index).squeeze(-1).float() - torch.logsumexp(x.float(), dim=-1) for m, x in scored.items()}  # [batch, positions]
     rewards = [chosen[d.tuned] - chosen[d.reference] for d in composition.deltas]
-    return torch.stack(rewards, dim=-1) if rewards else torch.zeros(*tokens.shape, 0)
+    return torch.stack(rewards, dim=-1) if rewards else torch.zeros(*tokens.shape, 0, device=tokens.device)
 
 
 def _logits_of(logits: Mapping[str, torch.Tensor], model: str) -> torch.Tensor:

@@ -69,10 +69,10 @@ class SamplingBatch:
         if generators is None:
             generators = {i: seeded_generator(p.seed) for i, p in enumerate(params) if p.seed is not None}
         return SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            conservative=torch.tensor([p.conservative_top_p for p in params], dtype=torch.bool),
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device="cpu"),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device="cpu"),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device="cpu"),
+            conservative=torch.tensor([p.conservative_top_p for p in params], dtype=torch.bool, device="cpu"),
             generators=generators,
         )
 
@@ -88,9 +88,16 @@ class SamplingBatch:
 
     def rows_of(self, rows: list[int]) -> "SamplingBatch":
         """The batch restricted to some rows (renumbered 0..), e.g. the rows still drafting."""
-        index = torch.tensor(rows, dtype=torch.int64)
+        index = torch.tensor(rows, dtype=torch.int64, device=self.temperature.device)
         generators = {new: self.generators[old] for new, old in enumerate(rows) if old in self.generators}
         return SamplingBatch(self.temperature[index], self.top_k[index], self.top_p[index], self.conservative[index], generators)
+
+    def to(self, device: torch.device) -> "SamplingBatch":
+        """The parameters on ``device`` (where the logits are); the generators stay on the
+        CPU, so a seeded request draws the same numbers on any device."""
+        if self.temperature.device == device:
+            return self
+        return SamplingBatch(self.temperature.to(device), self.top_k.to(device), self.top_p.to(device), self.conservative.to(device), self.generators)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -116,6 +123,7 @@ def sampling_probs(
     """Apply temperature, top-k and top-p; greedy rows become one-hot on their best kept token.
     A step no row needs is skipped: each is a pass over [rows, vocab]."""
     assert logprobs.dim() == 2 and logprobs.shape[0] == batch.rows, logprobs.shape
+    batch = batch.to(logprobs.device)
     if batch.all_greedy:  # the fast path; the same one-hot as below
         return one_hot_argmax(logprobs.float()).float()
     scaled = logprobs.float()
@@ -158,7 +166,7 @@ def top_k_mask(
         return torch.ones_like(logits, dtype=torch.bool)
     k = torch.where(top_k <= 0, vocab, top_k.clamp(max=vocab))
     order = torch.argsort(logits, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab).expand_as(order))
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=logits.device).expand_as(order))
     return rank < k[:, None]
 
 
@@ -231,7 +239,7 @@ def sample_from_probs(
     draw one per token: on a CPU, generating a vocabulary's worth of random numbers costs
     ten times the cumulative sum."""
     cumulative = torch.cumsum(probs, dim=-1)
-    u = per_row_random((probs.shape[0], 1), generators, lambda t, g: t.uniform_(generator=g)) * cumulative[:, -1:]
+    u = per_row_random((probs.shape[0], 1), generators, lambda t, g: t.uniform_(generator=g)).to(probs.device) * cumulative[:, -1:]
     tokens = torch.searchsorted(cumulative, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
     stray = probs.gather(-1, tokens[:, None])[:, 0] <= 0  # rounding put u at the very end: the last token with mass
     if bool(stray.any()):
@@ -242,8 +250,8 @@ def sample_from_probs(
 
 def per_row_random(shape: tuple[int, ...], generators: dict[int, torch.Generator], fill) -> torch.Tensor:
     """A float32 tensor whose row i is filled by ``fill(row, generators[i])`` where seeded,
-    and from the global generator elsewhere."""
-    values = torch.empty(shape, dtype=torch.float32)
+    and from the global generator elsewhere; on the CPU, where the generators are."""
+    values = torch.empty(shape, dtype=torch.float32, device="cpu")
     seeded = set(generators)
     unseeded = [i for i in range(shape[0]) if i not in seeded]
     for row, generator in generators.items():

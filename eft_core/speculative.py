@@ -38,7 +38,7 @@ class AcceptedDrafts:
     def of(emitted: list[list[int]], k: int) -> "AcceptedDrafts":
         """From each row's emitted tokens (accepted drafts, then one more)."""
         padded = [tokens + [-1] * (k + 1 - len(tokens)) for tokens in emitted]
-        return AcceptedDrafts(torch.tensor([len(t) - 1 for t in emitted], dtype=torch.int64), torch.tensor(padded, dtype=torch.int64).reshape(len(emitted), k + 1))
+        return AcceptedDrafts(torch.tensor([len(t) - 1 for t in emitted], dtype=torch.int64, device="cpu"), torch.tensor(padded, dtype=torch.int64, device="cpu").reshape(len(emitted), k + 1))
 
     @property
     def num_emitted(self) -> torch.Tensor:  # [batch]: accepted + the one recovered or bonus token
@@ -90,32 +90,34 @@ def accept_ragged(
     """The rule for a batch of rows of different draft lengths, unpadded, so the coordinator
     decides every request of a batch at once. Per row, from its generator: k_b uniforms,
     then the next token's draw; a seeded row's output does not depend on its batch-mates,
-    and a row with k_b = 0 is plain sampling from p."""
-    counts = torch.tensor([len(d) for d in draft_tokens], dtype=torch.int64)
+    and a row with k_b = 0 is plain sampling from p. The per-draft numbers are decided on
+    the CPU, the vocabulary-wide work where p is."""
+    cpu, device = torch.device("cpu"), target_probs.device
+    counts = torch.tensor([len(d) for d in draft_tokens], dtype=torch.int64, device=cpu)
     batch, k = len(draft_tokens), int(counts.max()) if draft_tokens else 0
     p_start = torch.cumsum(counts + 1, dim=0) - (counts + 1)  # each row's first target position
     q_start = torch.cumsum(counts, dim=0) - counts
-    drafts = torch.tensor([d + [0] * (k - len(d)) for d in draft_tokens], dtype=torch.int64).reshape(batch, k)
-    valid = torch.arange(k) < counts[:, None]
-    p_rows = torch.where(valid, p_start[:, None] + torch.arange(k), 0)
-    q_rows = torch.where(valid, q_start[:, None] + torch.arange(k), 0)
-    p_draft = target_probs[p_rows, drafts] if k else torch.zeros(batch, 0)
-    q_draft = draft_probs.at_drafts[q_rows] if k else torch.zeros(batch, 0)
+    drafts = torch.tensor([d + [0] * (k - len(d)) for d in draft_tokens], dtype=torch.int64, device=cpu).reshape(batch, k)
+    valid = torch.arange(k, device=cpu) < counts[:, None]
+    p_rows = torch.where(valid, p_start[:, None] + torch.arange(k, device=cpu), 0)
+    q_rows = torch.where(valid, q_start[:, None] + torch.arange(k, device=cpu), 0)
+    p_draft = target_probs[p_rows.to(device), drafts.to(device)].to(cpu) if k else torch.zeros(batch, 0, device=cpu)
+    q_draft = draft_probs.at_drafts.to(cpu)[q_rows] if k else torch.zeros(batch, 0, device=cpu)
     uniform = _ragged_uniforms(counts, k, generators)
     # accept d_j with probability min(1, p/q): u < p/q, written without dividing (u in [0, 1))
     accepted = (uniform * q_draft < p_draft) & valid
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # leading run of acceptances
     # the next distribution: recovered max(0, p - q) after a rejection, else bonus p_{k+1}
-    p_next = target_probs[p_start + num_accepted]
+    p_next = target_probs[(p_start + num_accepted).to(device)]
     rejected = num_accepted < counts
     q_next = torch.zeros_like(p_next)
     if bool(rejected.any()):
-        q_next[rejected] = draft_probs.rows((q_start + num_accepted)[rejected].tolist())
+        q_next[rejected.to(device)] = draft_probs.rows((q_start + num_accepted)[rejected].tolist()).to(device)
     residual = (p_next - q_next).clamp_min(0)
     mass = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)  # p == q: never rejected
     next_token = sample_from_probs(residual, generators)
-    return [d[:n] + [int(t)] for d, n, t in zip(draft_tokens, num_accepted.tolist(), next_token)]
+    return [d[:n] + [t] for d, n, t in zip(draft_tokens, num_accepted.tolist(), next_token.tolist())]
 
 
 def accept_greedy_ragged(
@@ -139,13 +141,13 @@ def accept_greedy_ragged(
 def _ragged_uniforms(counts: torch.Tensor, k: int, generators: dict[int, torch.Generator]) -> torch.Tensor:
     """[rows, k] uniforms: row b's first counts[b] from its generator (or the global one);
     the rest are never read."""
-    values = torch.zeros(len(counts), k)
+    values = torch.zeros(len(counts), k, device="cpu")
     unseeded = [b for b in range(len(counts)) if b not in generators and counts[b] > 0]
     for row, generator in generators.items():
         if counts[row] > 0:
             values[row, : counts[row]].uniform_(generator=generator)
     if unseeded:
-        rest = torch.rand(int(counts[unseeded].sum()))
+        rest = torch.rand(int(counts[unseeded].sum()), device="cpu")
         offset = 0
         for row in unseeded:
             values[row, : counts[row]] = rest[offset : offset + counts[row]]

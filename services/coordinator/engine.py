@@ -119,15 +119,16 @@ class Engine:
     ``set_replicas`` changes a group's replicas for the requests placed afterwards.
     ``vocab_sizes``: the vocabulary each composition's models share, by composition name
     (compositions of different tokenizer families may be served together).
-    ``calls``: the deadlines of worker calls."""
+    ``calls``: the deadlines and sizes of worker calls. ``device``: where the decide phase
+    runs (each iteration's logits are moved there; "cuda" where the coordinator has a GPU)."""
 
-    def __init__(self, pools: Mapping[str, ReplicaPool], vocab_sizes: Mapping[str, int], metrics=None, calls: CallPolicy = CallPolicy()):
+    def __init__(self, pools: Mapping[str, ReplicaPool], vocab_sizes: Mapping[str, int], metrics=None, calls: CallPolicy = CallPolicy(), device: str = "cpu"):
         self.pools = dict(pools)  # replaced whole by set_replicas, never changed in place
         self.pool_of = {model: name for name, pool in self.pools.items() for model in pool.models}
         twice = sorted(m for m in self.pool_of if sum(m in p.models for p in self.pools.values()) > 1)
         if twice:
             raise ValueError(f"models {twice} are in more than one worker group")
-        self.vocab_sizes, self.calls = dict(vocab_sizes), calls
+        self.vocab_sizes, self.calls, self.device = dict(vocab_sizes), calls, torch.device(device)
         self.metrics = metrics  # services.metrics.ServingMetrics, or None
         self.health = ReplicaHealth()
         self.releaser = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-release")
@@ -292,13 +293,13 @@ class Engine:
         vocab = self.vocab_sizes[composition.name]
         drafts = [drafted[r.id][0] if r.id in drafted else [] for r in rows]
         positions = [len(d) + 1 for d in drafts]
-        per_model = {m: torch.cat([scored[r.id][m][:, :vocab] for r in rows])[:, None] for m in composition.scored_models}  # [positions, 1, vocab]
-        weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)])
+        per_model = {m: torch.cat([scored[r.id][m][:, :vocab] for r in rows]).to(self.device)[:, None] for m in composition.scored_models}  # [positions, 1, vocab]
+        weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)]).to(self.device)
         target = eft_logprobs(per_model, composition, weights, vocab)[:, 0]  # [positions, vocab]
         emitted = self._accepted(rows, drafts, positions, target, per_model[composition.nucleus_model][:, 0], [drafted[r.id][1] for r in rows if r.id in drafted], vocab)
         starts = [sum(positions[:i]) for i in range(len(rows))]
-        chosen = torch.tensor([start + j for start, tokens in zip(starts, emitted) for j in range(len(tokens))])
-        tokens = torch.tensor([t for tokens in emitted for t in tokens])
+        chosen = torch.tensor([start + j for start, tokens in zip(starts, emitted) for j in range(len(tokens))], device=self.device)
+        tokens = torch.tensor([t for tokens in emitted for t in tokens], device=self.device)
         every = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
         picked = {m: per_model[m] if every else per_model[m][chosen] for d in composition.deltas for m in (d.tuned, d.reference)}
         logprobs, rewards = target[chosen, tokens].tolist(), implicit_rewards(picked, composition, tokens[:, None], vocab)[:, 0].tolist()

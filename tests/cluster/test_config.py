@@ -33,6 +33,8 @@ def test_the_demo_config_round_trips_through_yaml(quick_family, tmp_path):
         (lambda d: d["worker_groups"][0].update(tp=2), "worker_groups[0].tp: a tensor-parallel group hosts exactly one model"),
         (lambda d: d["worker_groups"][1].update(replicas=0), "worker_groups.1.replicas"),
         (lambda d: d["models"]["small-tuned"].update(chat_template="{% for m in messages %}"), "models.small-tuned.chat_template"),
+        (lambda d: d.update(decide_device="cuda"), "decide_device: cuda needs a GPU for the gateway replica: set gateway_num_gpus > 0"),
+        (lambda d: d.update(decide_device="gpu"), "decide_device"),
     ],
 )
 def test_bad_configs_fail_at_load_with_a_precise_message(quick_family, edit, message):
