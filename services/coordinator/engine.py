@@ -3,16 +3,17 @@ iteration, with one batched call per worker, issued concurrently.
 
 Per iteration:
 
-1. **draft**: requests that speculate ask their drafter for k tokens (one Draft call per
-   drafter worker, for all of them);
+1. **draft**: requests that speculate ask their drafter for k tokens and the q each was
+   drawn from (one Draft call per drafter worker, for all of them);
 2. **score**: every request sends each scored model the tokens its cache lacks, plus the
    drafts, asking for the last k + 1 logits (one Extend call per worker, for all requests);
-3. **decide**: eft_core combines the logits, then samples one token for the requests that
-   do not speculate (one batch per composition) or, per speculating request, accepts a
-   prefix of its drafts plus a recovered or bonus token;
-4. **roll back**: caches that hold rejected drafts are truncated by the cache's next call
-   (``truncate_to``, no call of its own); finished requests release every session they held,
-   off the loop (``release`` never waits on a worker).
+3. **decide**: one batched decide per composition: eft_core combines the logits of every
+   position, then accepts a prefix of each row's drafts plus a recovered or bonus token (a
+   row without drafts samples one token), and gathers logprobs and implicit rewards;
+4. **roll back**: each request's cache ledger (services/coordinator/ledger.py) keeps the
+   accepted drafts; caches holding rejected ones are truncated by their next call
+   (``truncate_to``, no call of its own); finished requests release every session they
+   held, off the loop (``release`` never waits on a worker).
 
 Faults: every call has a deadline (``CallPolicy``). A call that fails or times out fails the
 requests in it with UNAVAILABLE and ejects its replica from placement
