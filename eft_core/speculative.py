@@ -108,15 +108,16 @@ def accept_ragged(
     accepted = (uniform * q_draft < p_draft) & valid
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # leading run of acceptances
     # the next distribution: recovered max(0, p - q) after a rejection, else bonus p_{k+1}
-    p_next = target_probs[(p_start + num_accepted).to(device)]
+    # (or, without drafts, p itself: no copy); only rejected rows compute a residual
+    p_next = target_probs if not k else target_probs[(p_start + num_accepted).to(device)]
     rejected = num_accepted < counts
-    q_next = torch.zeros_like(p_next)
     if bool(rejected.any()):
-        q_next[rejected.to(device)] = draft_probs.rows((q_start + num_accepted)[rejected].tolist()).to(device)
-    residual = (p_next - q_next).clamp_min(0)
-    mass = residual.sum(dim=-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)  # p == q: never rejected
-    next_token = sample_from_probs(residual, generators)
+        rows = rejected.nonzero()[:, 0]
+        p_rejected = p_next[rows.to(device)]
+        residual = (p_rejected - draft_probs.rows((q_start + num_accepted)[rows].tolist()).to(device)).clamp_min(0)
+        mass = residual.sum(dim=-1, keepdim=True)
+        p_next[rows.to(device)] = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_rejected)  # p == q: never rejected
+    next_token = sample_from_probs(p_next, generators)  # draws from p's mass, whatever its total
     return [d[:n] + [t] for d, n, t in zip(draft_tokens, num_accepted.tolist(), next_token.tolist())]
 
 
