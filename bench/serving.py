@@ -4,6 +4,8 @@ Systems, measured interleaved round by round so that machine drift cancels:
 
 - ``naive``: the in-process oracle engine as research code runs it: the models called one
   after another for every token, KV caches, one request at a time;
+- ``batched_loop``: what the published proxy-tuning code does: the same, on a batch of
+  ``c`` requests sharing one left-padded KV cache per model, in process;
 - ``base_only``: the served large base alone (a composition with no deltas);
 - ``eft``: served up-scaling (large-base + small-tuned - small-base), speculation off;
 - ``eft_spec_k<k>`` / ``eft_spec_auto``: the same with speculation, fixed k or adaptive.
@@ -44,7 +46,8 @@ import grpc
 import torch
 
 from cluster.loadtest import percentile, rss_bytes
-from eft_core import Composition, Delta, SamplingParams
+from eft_core import Composition, Delta, SamplingBatch, SamplingParams, eft_logprobs
+from eft_core.sampling import sample
 from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.build import build_family
@@ -54,7 +57,8 @@ from services.gateway.server import create_server
 from services.metrics import ServingMetrics
 from services.oracle import OracleEngine, load_model
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
-from services.prompts import composition_vocab_sizes
+from services.hf_compat import cache_kwargs, full_cache
+from services.prompts import composition_vocab_sizes, render_prompt
 from services.worker.client import GrpcWorkerClient, model_contexts
 from services.worker.processes import start_worker, wait_listening
 
@@ -191,32 +195,40 @@ class Served:
             process.wait(timeout=30)
 
 
-class Naive:
-    """The research loop: the oracle engine, models in this process, one request at a time."""
+class InProcess:
+    """A research loop with the up-scaling models in this process, run at its best torch
+    thread count (1 or 2 here); ``_run`` generates ``max_tokens`` per prompt, ``batch`` at once."""
 
-    def __init__(self, family_dir: Path, device: str = "cpu"):
+    def __init__(self, family_dir: Path, device: str = "cpu", models: dict | None = None):
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        models = {m: load_model(family_dir / m, dtype, device) for m in ("large-base", *PAIR_MODELS)}
-        self.engine = OracleEngine(models, {"upscaled": COMPOSITIONS["upscaled"]})
+        self.models = models or {m: load_model(family_dir / m, dtype, device) for m in ("large-base", *PAIR_MODELS)}
 
     def calibrate(self, prompts: list) -> int:
-        """Give the research loop its best torch thread count (1 or 2 here)."""
         timings = {}
         for threads in (1, 2):
             self.threads = threads
-            timings[threads] = self.run(prompts, 0.0, 16).tps
+            timings[threads] = self.run(prompts, 0.0, 16, len(prompts)).tps
         self.threads = max(timings, key=timings.get)
         return self.threads
 
-    def run(self, prompts: list, temperature: float, max_tokens: int) -> Run:
+    def run(self, prompts: list, temperature: float, max_tokens: int, batch: int = 1) -> Run:
         threads, coordinator = getattr(self, "threads", torch.get_num_threads()), torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return self._run(prompts, temperature, max_tokens)
+            return self._run(prompts, temperature, max_tokens, batch)
         finally:
             torch.set_num_threads(coordinator)
 
-    def _run(self, prompts: list, temperature: float, max_tokens: int) -> Run:
+
+class Naive(InProcess):
+    """The research loop: the oracle engine, the models called one after another for every
+    token, one request at a time."""
+
+    def __init__(self, family_dir: Path, device: str = "cpu"):
+        super().__init__(family_dir, device)
+        self.engine = OracleEngine(self.models, {"upscaled": COMPOSITIONS["upscaled"]})
+
+    def _run(self, prompts: list, temperature: float, max_tokens: int, batch: int) -> Run:
         run = Run()
         started = time.perf_counter()
         for i, messages in enumerate(prompts):
@@ -228,6 +240,59 @@ class Naive:
             run.per_request_tps.append(n / elapsed)
         run.wall = time.perf_counter() - started
         return run
+
+
+class BatchedLoop(InProcess):
+    """What the published proxy-tuning code does: a batch of prompts, and per token the three
+    models called one after another, each over one left-padded KV cache of the whole batch
+    (positions from the attention mask, as Hugging Face's generate sets them), then the EFT
+    combination and sampling of eft_core. Up-scaling, ``ignore_eos``."""
+
+    composition = COMPOSITIONS["upscaled"]
+
+    def check(self, naive: Naive, prompts: list, max_tokens: int) -> None:
+        """The loop computes what the oracle does: the same greedy tokens, batched."""
+        got = self._generate(prompts, SamplingBatch.from_params([SamplingParams(temperature=0)] * len(prompts)), max_tokens)
+        want = [naive.engine.generate("upscaled", p, SamplingParams(temperature=0, max_tokens=max_tokens), ignore_eos=True).generation.tokens for p in prompts]
+        if got != want:
+            raise RuntimeError(f"the batched loop's greedy tokens differ from the oracle's for {sum(a != b for a, b in zip(got, want))} of {len(prompts)} prompts")
+
+    def _run(self, prompts: list, temperature: float, max_tokens: int, batch: int) -> Run:
+        run = Run()
+        started = time.perf_counter()
+        for first in range(0, len(prompts), batch):
+            chunk, t0 = prompts[first : first + batch], time.perf_counter()
+            self._generate(chunk, SamplingBatch.from_params([SamplingParams(temperature=temperature, seed=first + i) for i in range(len(chunk))]), max_tokens)
+            elapsed = time.perf_counter() - t0
+            run.tokens += len(chunk) * max_tokens
+            run.per_request_tps += [max_tokens / elapsed] * len(chunk)
+        run.wall = time.perf_counter() - started
+        return run
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list, sampling: SamplingBatch, max_tokens: int) -> list[list[int]]:
+        vocab = composition_vocab_sizes([self.composition], {m: lm.tokenizer for m, lm in self.models.items()})["upscaled"]
+        state = {m: _left_padded([render_prompt(lm.tokenizer, p) for p in prompts], lm.model.device) for m, lm in self.models.items()}
+        generated = []
+        for _ in range(max_tokens):
+            logits = {}
+            for m, lm in self.models.items():
+                ids, mask, cache = state[m]
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+                logits[m] = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(lm.model, cache)).logits[:, -1:].float()
+            tokens, _ = sample(eft_logprobs(logits, self.composition, None, vocab)[:, 0], sampling)
+            generated.append(tokens.tolist())
+            for m, (_, mask, cache) in state.items():
+                state[m] = (tokens[:, None].to(mask.device), torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1), cache)
+        return [list(t) for t in zip(*generated)]
+
+
+def _left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Input ids, attention mask and an empty KV cache for a batch of prompts, left-padded."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, full_cache()
 
 
 # --- the study ---------------------------------------------------------------------------
@@ -268,13 +333,14 @@ class Study:
     def record(self, key: str, value) -> None:
         self.results.setdefault(key, []).append(value)
 
-    def measure_round(self, served: Served, naive: Naive, prompts: dict) -> None:
+    def measure_round(self, served: Served, naive: Naive, loop: "BatchedLoop", prompts: dict) -> None:
         a = self.args
         for temperature in (0.0, 1.0):
             t = "greedy" if temperature == 0 else "t1"
             for c in a.concurrency:
                 reqs = prompts[c]
                 self.record(("naive", c, t), naive.run(reqs, temperature, a.max_tokens) if c == 1 or t == "greedy" else None)
+                self.record(("batched_loop", c, t), loop.run(reqs, temperature, a.max_tokens, batch=c))
                 self.record(("base_only", c, t), served.run("base-only", spec("off"), reqs, c, temperature, a.max_tokens))
                 self.record(("eft", c, t), served.run("upscaled", spec("off"), reqs, c, temperature, a.max_tokens))
                 for k in a.ks:
@@ -323,12 +389,15 @@ def main() -> int:
     print("starting the worker processes and the coordinator ...", flush=True)
     served = Served(study.family_dir, args.threads, args.device, study.base_models)
     naive = Naive(study.family_dir, args.device)
+    loop = BatchedLoop(study.family_dir, args.device, naive.models)
     prompts = {c: study.prompts(max(args.requests, c)) for c in args.concurrency}
     served.run("upscaled", spec("3"), prompts[args.concurrency[-1]], args.concurrency[-1], 0.0, 4)  # warm-up
     print(f"naive loop: {naive.calibrate(prompts[1][:4])} torch thread(s) is its fastest", flush=True)
+    loop.check(naive, prompts[args.concurrency[-1]], args.max_tokens)
+    print(f"batched loop: greedy tokens equal the oracle's; {loop.calibrate(prompts[args.concurrency[-1]][:4])} torch thread(s) is its fastest", flush=True)
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds} ...", flush=True)
-        study.measure_round(served, naive, prompts)
+        study.measure_round(served, naive, loop, prompts)
     rows, table = report(study, served, naive, args)
     print(table)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
@@ -403,6 +472,8 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
     add("eft_vs_base_only_c1", eft / base, "ratio")
     add("eft_spec_vs_base_only_c1", spec_tps / base, "ratio")
     add(f"eft_c{c16}_vs_naive", tps[("eft", c16, "greedy")] / tps[("naive", c16, "greedy")], "ratio")
+    add(f"eft_c{c16}_vs_batched_loop", tps[("eft", c16, "greedy")] / tps[("batched_loop", c16, "greedy")], "ratio")
+    add("eft_c1_vs_batched_loop", eft / tps[("batched_loop", 1, "greedy")], "ratio")
     add("naive_c1_vs_eft_c1", tps[("naive", 1, "greedy")] / eft, "ratio")
     lines.append("")
     lines.append(f"speculation at c=1, greedy: best fixed k={k}: {spec_tps:.1f} tok/s vs eft {eft:.1f} -> {spec_tps / eft:.2f}x;"
@@ -410,6 +481,7 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
     if ("deep_eft", 1, "greedy") in tps:
         cost_scaled(tps, add, lines, args)
     lines.append(f"eft / base_only (c=1): {eft / base:.2f}; eft_spec / base_only: {spec_tps / base:.2f}; eft c={c16} / naive c={c16}: {tps[('eft', c16, 'greedy')] / tps[('naive', c16, 'greedy')]:.2f}")
+    lines.append(f"eft / batched_loop (the proxy-tuning loop, in process): c=1 {eft / tps[('batched_loop', 1, 'greedy')]:.2f}, c={c16} {tps[('eft', c16, 'greedy')] / tps[('batched_loop', c16, 'greedy')]:.2f}")
     transport(served, study.prompts(1) * 4, add, lines)
 
 
