@@ -49,7 +49,7 @@ from eft_core.sampling import sampling_probs, seeded_generator, stream_seed
 from eft_core.speculative import DraftProbs, accept_greedy_ragged, accept_ragged
 from services.coordinator.health import CallPolicy, ReplicaHealth
 from services.coordinator.ledger import DRAFT, CacheLedger
-from services.worker.api import DraftItem, Drafted, DraftQ, ExtendItem
+from services.worker.api import DraftItem, Drafted, DraftQ, Extended, ExtendItem
 from services.worker.client import WorkerClient
 
 
@@ -259,7 +259,7 @@ class Engine:
             calls[r.placement[drafter]].append((r, DraftItem(r.id + DRAFT, drafter, tokens, ks[r.id], r.draft_params, truncate_to)))
         results = {}
         for (r, item), answer in self._call_all(calls, "draft"):
-            if self._cache_kept(r, DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
+            if self._well_formed(r, item, answer) and self._cache_kept(r, DRAFT, len(item.token_ids) + item.num_draft - 1, answer.cache_length):
                 results[r.id] = (answer.draft_tokens, answer.q)
         return results
 
@@ -272,9 +272,25 @@ class Engine:
                 calls[r.placement[model]].append((r, ExtendItem(r.id, model, unsent + drafts, len(drafts) + 1, truncate_to)))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, "extend"):
-            if self._cache_kept(r, item.model, len(item.token_ids), answer.cache_length):
+            if self._well_formed(r, item, answer) and self._cache_kept(r, item.model, len(item.token_ids), answer.cache_length):
                 results[r.id][item.model] = answer.logits
         return results
+
+    def _well_formed(self, r: EngineRequest, item: ExtendItem | DraftItem, answer: Extended | Drafted) -> bool:
+        """An answer whose shape does not fit its item (a worker's bug) fails its request alone,
+        with INTERNAL, before any of it is decided from: the batch's other requests go on."""
+        vocab = self.vocab_sizes[r.composition.name]
+        if isinstance(answer, Drafted):
+            q, k = answer.q, item.num_draft
+            fits = len(answer.draft_tokens) == len(q.at_drafts) == k and all(0 <= t < vocab for t in answer.draft_tokens)
+            fits = fits and (tuple(q.dense.shape) == (k, vocab) if q.dense is not None else not len(q.indices) or 0 <= int(q.indices.min()) <= int(q.indices.max()) < vocab)
+            what = f"{len(answer.draft_tokens)} drafts and q of {len(q.at_drafts)} rows, expected {k} over {vocab} tokens"
+        else:
+            fits = answer.logits.dim() == 2 and answer.logits.shape[0] == max(1, item.num_logits) and answer.logits.shape[1] >= vocab
+            what = f"logits of shape {tuple(answer.logits.shape)}, expected ({max(1, item.num_logits)}, >= {vocab})"
+        if not fits:
+            _fail([r], InternalError(f"a worker answered model {item.model!r} with a malformed result ({what}); retry the request"))
+        return fits
 
     @staticmethod
     def _cache_kept(r: EngineRequest, key: str, added: int, length: int) -> bool:

@@ -205,3 +205,50 @@ def test_a_batch_whose_answer_would_pass_the_size_limit_is_split_and_decides_the
         for c in counting.values():
             c.calls.clear()
     assert all(w.info().sessions == 0 for w in worker_objects)
+
+
+class _Corrupting(_Counting):
+    """Answers one request's items of one method with a result of the wrong shape (as a
+    buggy worker would)."""
+
+    def __init__(self, client, victim: str, method: str):
+        super().__init__(client)
+        self.victim, self.method = victim, method
+
+    def start(self, method, items, timeout=None):
+        from dataclasses import replace
+
+        from services.worker.api import DraftQ
+
+        call = super().start(method, items, timeout)
+
+        class Corrupted:
+            def result(inner):
+                answers = call.result()
+                hit = lambda item: method == self.method and item.session_id.split("#")[0] == self.victim  # noqa: E731
+                return [self._corrupt(a, replace, DraftQ) if hit(item) else a for item, a in zip(items, answers)]
+
+        return Corrupted()
+
+    @staticmethod
+    def _corrupt(answer, replace, DraftQ):
+        if hasattr(answer, "logits"):
+            return replace(answer, logits=answer.logits[:, :5])  # too few vocabulary columns
+        return replace(answer, q=DraftQ(answer.q.at_drafts, row_sizes=answer.q.row_sizes, indices=answer.q.indices + 10**6, values=answer.q.values))  # ids past the vocabulary
+
+
+@pytest.mark.parametrize("method", ["extend", "draft"])
+def test_a_malformed_answer_fails_its_request_alone_with_internal(workers, oracle, tokenizers, quick_family, method):
+    placement, worker_objects = workers
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    asked = questions(quick_family)[:3]
+    requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=2) for i, m in enumerate(asked)]
+    pair = placement["small-tuned"]  # the pair worker: it scores the delta and drafts
+    corrupting = _Corrupting(pair, requests[1].id, method)
+    engine = Engine(pools_of({m: corrupting if c is pair else c for m, c in placement.items()}), oracle.vocab_sizes)
+    run(engine, requests)
+    failed = requests[1]
+    assert failed.finish_reason == "error" and failed.error.code == "INTERNAL" and "malformed" in failed.error.message, failed.error
+    for r, messages in [(requests[0], asked[0]), (requests[2], asked[2])]:
+        assert r.tokens == oracle.generate("upscaled", messages, params).generation.tokens
+    assert all(w.info().sessions == 0 for w in worker_objects)
