@@ -113,10 +113,11 @@ def accept_ragged(
     rejected = num_accepted < counts
     if bool(rejected.any()):
         rows = rejected.nonzero()[:, 0]
-        p_rejected = p_next[rows.to(device)]
+        at = rows.to(device)
+        p_rejected = p_next[at]
         residual = (p_rejected - draft_probs.rows((q_start + num_accepted)[rows].tolist()).to(device)).clamp_min(0)
         mass = residual.sum(dim=-1, keepdim=True)
-        p_next[rows.to(device)] = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_rejected)  # p == q: never rejected
+        p_next[at] = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_rejected)  # p == q: never rejected
     next_token = sample_from_probs(p_next, generators)  # draws from p's mass, whatever its total
     return [d[:n] + [t] for d, n, t in zip(draft_tokens, num_accepted.tolist(), next_token.tolist())]
 

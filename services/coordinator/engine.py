@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from itertools import accumulate
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -284,12 +285,10 @@ class Engine:
             q, k = answer.q, item.num_draft
             fits = len(answer.draft_tokens) == len(q.at_drafts) == k and all(0 <= t < vocab for t in answer.draft_tokens)
             fits = fits and (tuple(q.dense.shape) == (k, vocab) if q.dense is not None else not len(q.indices) or 0 <= int(q.indices.min()) <= int(q.indices.max()) < vocab)
-            what = f"{len(answer.draft_tokens)} drafts and q of {len(q.at_drafts)} rows, expected {k} over {vocab} tokens"
         else:
             fits = answer.logits.dim() == 2 and answer.logits.shape[0] == max(1, item.num_logits) and answer.logits.shape[1] >= vocab
-            what = f"logits of shape {tuple(answer.logits.shape)}, expected ({max(1, item.num_logits)}, >= {vocab})"
         if not fits:
-            _fail([r], InternalError(f"a worker answered model {item.model!r} with a malformed result ({what}); retry the request"))
+            _fail([r], InternalError(f"a worker answered model {item.model!r} with a malformed result ({_malformed(answer, item, vocab)}); retry the request"))
         return fits
 
     @staticmethod
@@ -314,7 +313,7 @@ class Engine:
         weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)]).to(self.device)
         target = eft_logprobs(per_model, composition, weights, vocab)[:, 0]  # [positions, vocab]
         emitted = self._accepted(rows, drafts, positions, target, per_model[composition.nucleus_model][:, 0], [drafted[r.id][1] for r in rows if r.id in drafted], vocab)
-        starts = [sum(positions[:i]) for i in range(len(rows))]
+        starts = [0, *accumulate(positions)][:-1]
         chosen = torch.tensor([start + j for start, tokens in zip(starts, emitted) for j in range(len(tokens))], device=self.device)
         tokens = torch.tensor([t for tokens in emitted for t in tokens], device=self.device)
         every = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
@@ -459,6 +458,13 @@ def _fail(requests: list[EngineRequest], error: EFTError) -> None:
             r.error, r.finish_reason = error, "error"
 
 
+def _malformed(answer: Extended | Drafted, item: ExtendItem | DraftItem, vocab: int) -> str:
+    """What an answer that does not fit its item holds, against what was asked (for the error)."""
+    if isinstance(answer, Drafted):
+        return f"{len(answer.draft_tokens)} drafts and q of {len(answer.q.at_drafts)} rows, {item.num_draft} asked, token ids below {vocab}"
+    return f"logits of shape {tuple(answer.logits.shape)}, expected ({max(1, item.num_logits)}, >= {vocab})"
+
+
 def _nbytes(answer) -> int:
     """The tensor bytes an answer brought: an Extend's logits, a Draft's q."""
     return answer.q.nbytes if isinstance(answer, Drafted) else answer.logits.nbytes
@@ -473,7 +479,6 @@ def _no_replica(model: str, group: str, pool: ReplicaPool, health: ReplicaHealth
         return f"no replica of worker group {group!r} (hosting {model!r}) is running; retry later"
     reasons = sorted({health.is_ejected(c) or "on probation" for c in pool.replicas})
     return f"every replica of worker group {group!r} (hosting {model!r}) is out of placement ({'; '.join(reasons)}); retry later"
-
 
 
 def _when_all(futures: list[Future]) -> Future:

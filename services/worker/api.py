@@ -72,7 +72,7 @@ class DraftQ:
         if self.dense is not None:
             return self.dense[positions]
         starts = torch.cumsum(self.row_sizes, dim=0) - self.row_sizes
-        out = torch.zeros(len(positions), vocab)
+        out = torch.zeros(len(positions), vocab, device=self.values.device)
         for i, j in enumerate(positions):
             span = slice(int(starts[j]), int(starts[j] + self.row_sizes[j]))
             out[i, self.indices[span].long()] = self.values[span]

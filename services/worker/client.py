@@ -15,8 +15,6 @@ import torch
 from eft_core import EFTError
 from services.errors import error_from_rpc
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
-
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 from services.worker import convert
 from services.worker.api import DraftItem, Drafted, ExtendItem, Extended, WorkerInfo
 from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
@@ -116,7 +114,7 @@ class GrpcWorkerClient:
         return f"GrpcWorkerClient({self.address!r})"
 
     def _raw(self, method: str, request_class):
-        return self.channel.unary_unary(f"/{SERVICE_NAME}/{method}", request_serializer=request_class.SerializeToString, response_deserializer=None)
+        return self.channel.unary_unary(f"/{convert.SERVICE_NAME}/{method}", request_serializer=request_class.SerializeToString, response_deserializer=None)
 
     def close(self) -> None:
         self.channel.close()

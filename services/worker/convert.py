@@ -9,6 +9,8 @@ from services.pb.eft.v1 import worker_pb2
 from services.wire import dtype_enum, from_wire, tensor_payloads, to_wire
 from services.worker.api import DraftItem, Drafted, DraftQ, ExtendItem, Extended, ModelInfo, WorkerInfo
 
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
+
 
 def extend_items_from_proto(request: worker_pb2.ExtendRequest) -> list[ExtendItem]:
     return [ExtendItem(i.session_id, i.model, list(i.token_ids), i.num_logits, _truncate_to(i)) for i in request.items]

@@ -24,8 +24,7 @@ from services.wire import DTYPE_NAMES, wire_dtype
 from services.worker import convert
 from services.worker.api import WorkerLimits
 from services.worker.worker import ModelWorker, load_hosted_model, start_idle_reaper
-
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
+from services.worker.convert import SERVICE_NAME
 
 
 class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):

@@ -253,25 +253,25 @@ class ModelWorker:
         step_logits = batch.step([item.token_ids for item in items], [1] * len(items))[:, -1]
         if self.models[model].sliding_window and len({len(item.token_ids) for item in items}) > 1:
             batch.compact()  # the drafts below are fed one per row per step: no padding between them again
-        tokens, qs = [[] for _ in items], [[] for _ in items]
+        tokens, qs, vocab = [[] for _ in items], [[] for _ in items], self.models[model].tokenizer_size
         for step in range(max(item.num_draft for item in items)):
             active = [row for row, item in enumerate(items) if step < item.num_draft]
-            logits = self._wire(step_logits[active], model, None)
+            logits = step_logits[active][..., :vocab]  # on the model's device: q is computed where the logits are, and only q travels
             chosen = sampling.rows_of(active)
             if chosen.all_greedy:
                 drawn = logits.argmax(dim=-1)
             else:
                 q = draft_distribution(logits, chosen)
                 drawn = sample_from_probs(q, chosen.generators)
-            for position, row in enumerate(active):
-                tokens[row].append(int(drawn[position]))
+            for position, (row, token) in enumerate(zip(active, drawn.tolist())):
+                tokens[row].append(token)
                 if not items[row].sampling.greedy:
                     qs[row].append(q[position])
             feed = [[tokens[row][-1]] if step + 1 < item.num_draft else [] for row, item in enumerate(items)]
             if not any(feed):
                 break
             step_logits = batch.step(feed, [len(f) for f in feed])[:, -1]
-        return [(t, DraftQ.of(torch.stack(q), torch.tensor(t)) if q else DraftQ.one_hot(torch.tensor(t))) for t, q in zip(tokens, qs)]
+        return [(t, DraftQ.of(torch.stack(q), torch.tensor(t, device=q[0].device)) if q else DraftQ.one_hot(torch.tensor(t))) for t, q in zip(tokens, qs)]
 
     def _generator(self, item: DraftItem, session: Session) -> torch.Generator | None:
         if session.generator is None and item.sampling.seed is not None:

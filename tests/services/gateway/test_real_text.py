@@ -102,13 +102,18 @@ def http_whole(stack, seed, stop, speculation):
 
 def _plain(seed, stop, speculation) -> eft_pb2.GenerateRequest:
     mode = eft_pb2.Speculation(mode=FIXED, k=speculation) if speculation else eft_pb2.Speculation(mode=OFF)
-    sampling = eft_pb2.Sampling(temperature=1.5, seed=seed, max_tokens=MAX_TOKENS, ignore_eos=True, stop=stop)
+    sampling = eft_pb2.Sampling(temperature=1.5, top_p=_top_p(seed), seed=seed, max_tokens=MAX_TOKENS, ignore_eos=True, stop=stop)
     return eft_pb2.GenerateRequest(text=PROMPT, sampling=sampling, speculation=mode, return_options=eft_pb2.ReturnOptions(token_ids=True))
 
 
 def _body(seed, stop, speculation) -> dict:
     extra = {"speculation": speculation or "off", "ignore_eos": True, "return_token_ids": True}
-    return dict(model="upscaled", prompt=PROMPT, temperature=1.5, seed=seed, max_tokens=MAX_TOKENS, stop=stop or None, extra_body=extra)
+    return dict(model="upscaled", prompt=PROMPT, temperature=1.5, top_p=_top_p(seed), seed=seed, max_tokens=MAX_TOKENS, stop=stop or None, extra_body=extra)
+
+
+def _top_p(seed: int) -> float:
+    """Odd seeds sample from a nucleus: top-p's candidate path, and drafters' sparse q."""
+    return 0.8 if seed % 2 else 1.0
 
 
 PATHS = {"grpc-stream": grpc_stream, "grpc-unary": grpc_unary, "http-stream": http_stream, "http-whole": http_whole}

@@ -248,3 +248,24 @@ def test_bad_truncate_and_draft_requests(client):
     refused = client.draft([DraftItem("t", "large", [4], 0)])[0]
     assert isinstance(refused, InvalidArgumentError) and "items[0].num_draft" in str(refused)
     assert client.info().cached_tokens == 3
+
+
+def test_logits_travel_in_the_models_own_dtype_unless_asked_otherwise(quick_family):
+    """A bfloat16 model's logits come back in bfloat16 by default (its LM head's output: half
+    of float32's bytes), and asking for float32 gives exactly those values, upcast."""
+    from services.worker.client import GrpcWorkerClient
+    from services.worker.server import create_server
+    from services.worker.worker import ModelWorker, load_hosted_model
+
+    hosted = load_hosted_model("large", quick_family.model_path("large-base"), torch.bfloat16)
+    server, port = create_server(ModelWorker([hosted]), "127.0.0.1:0")
+    try:
+        client = GrpcWorkerClient(f"127.0.0.1:{port}")
+        native = client.extend([ExtendItem("a", "large", [1, 2, 3], num_logits=2)])[0].logits
+        upcast = client.extend([ExtendItem("b", "large", [1, 2, 3], num_logits=2)], logits_dtype=torch.float32)[0].logits
+        assert native.dtype == torch.bfloat16 and native.shape == (2, hosted.tokenizer_size) and upcast.dtype == torch.float32
+        assert torch.equal(upcast, native.float())
+        torch.testing.assert_close(native.float(), full_logits(hosted, [1, 2, 3])[-2:].float(), rtol=0, atol=0.1)
+        client.close()
+    finally:
+        server.stop(grace=None)
