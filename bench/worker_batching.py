@@ -1,9 +1,13 @@
-"""Aggregate decode throughput of one model worker stepping 1, 4, 8, 16 sessions at once.
+"""One model worker's decode: throughput at 1, 4, 8, 16 sessions, and a step's cost over a
+plain Hugging Face forward.
 
-Runs on the demo family's large model (built if missing), through a real gRPC server on
-127.0.0.1, and reports tokens/s per concurrency with the ratio to 1 session (measured in
-the same process, interleaved, so machine drift cancels), plus logits bytes on the wire
-per session-step.
+Runs on the demo family's large model (built if missing). Throughput goes through a real
+gRPC server on 127.0.0.1: tokens/s per concurrency with the ratio to 1 session (measured in
+the same process, interleaved, so machine drift cancels), plus logits bytes on the wire per
+session-step. Then ``worker_step_vs_hf_forward``: a decode step of 16 sessions holding 1024
+tokens each, in process (``ModelWorker.extend``: admission, the slot cache, logits cut to
+the vocabulary), over one plain forward of the same batch on a prebuilt ``DynamicCache``
+(cropped back after each forward, so every forward sees the same 1024 tokens), interleaved.
 
     python bench/worker_batching.py [--family DIR] [--steps N] [--model large-base]
 """
@@ -16,14 +20,18 @@ import uuid
 
 import torch
 
+from transformers import AutoModelForCausalLM, DynamicCache
+
 from services.family.build import build_family, default_family_dir, load_family
+from services.hf_compat import cache_kwargs
 from services.worker.api import ExtendItem, WorkerLimits
 from services.worker.client import GrpcWorkerClient
 from services.worker.server import create_server
-from services.worker.worker import ModelWorker, load_hosted_model
+from services.worker.worker import HostedModel, ModelWorker, load_hosted_model
 
 PROMPT_LENGTH = 12
 CONCURRENCY = (1, 4, 8, 16)
+STEP_SESSIONS, STEP_CACHED = 16, 1024  # the decode-step comparison's batch
 
 
 def decode_rate(client: GrpcWorkerClient, model: str, sessions: int, steps: int) -> tuple[float, int]:
@@ -38,6 +46,43 @@ def decode_rate(client: GrpcWorkerClient, model: str, sessions: int, steps: int)
     elapsed = time.perf_counter() - started
     client.release(ids)
     return sessions * steps / elapsed, bytes_per_step
+
+
+def step_vs_hf_forward(path, steps: int, rounds: int) -> dict:
+    """Median seconds of a worker decode step and of a plain forward, same batch and cache."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), max_position_embeddings=2 * STEP_CACHED).eval()  # room for 1024 tokens
+    vocab = model.config.vocab_size
+    worker = ModelWorker([HostedModel("m", model, "bench", vocab)], WorkerLimits(max_sessions=STEP_SESSIONS))
+    ids = [f"s{i}" for i in range(STEP_SESSIONS)]
+    prompt = torch.randint(3, vocab, (STEP_SESSIONS, STEP_CACHED), generator=torch.Generator().manual_seed(0))
+    worker.extend([ExtendItem(s, "m", prompt[i].tolist(), num_logits=1) for i, s in enumerate(ids)])
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=prompt, use_cache=True, **cache_kwargs(model, cache))
+    token = torch.full((STEP_SESSIONS, 1), 5)
+    positions = torch.full((STEP_SESSIONS, 1), STEP_CACHED)
+
+    def worker_step() -> float:
+        started = time.perf_counter()
+        worker.extend([ExtendItem(s, "m", [5]) for s in ids])
+        elapsed = time.perf_counter() - started
+        for s in ids:  # back to 1024 tokens, untimed
+            worker.truncate(s, "m", STEP_CACHED)
+        return elapsed
+
+    def plain_forward() -> float:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            model(input_ids=token, position_ids=positions, use_cache=True, **cache_kwargs(model, cache))
+            elapsed = time.perf_counter() - started
+            cache.crop(-1)  # back to 1024 tokens
+        return elapsed
+
+    times = {"worker": [], "hf": []}
+    for _ in range(rounds):
+        for name, step in (("worker", worker_step), ("hf", plain_forward)):
+            times[name].append(sum(step() for _ in range(steps)) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -64,14 +109,18 @@ def main() -> int:
     print(f"{'sessions':>8} {'tokens/s':>10} {'vs 1':>6} {'wire bytes/session-step':>24}")
     for n in CONCURRENCY:
         print(f"{n:>8} {median[n]:>10.1f} {median[n] / median[1]:>5.2f}x {wire[n]:>24}")
+    client.close()
+    server.stop(grace=None)
+    step = step_vs_hf_forward(family.model_path(args.model), args.steps, args.rounds)
+    ratio = step["worker"] / step["hf"]
+    print(f"decode step, {STEP_SESSIONS} sessions x {STEP_CACHED} cached tokens: worker {step['worker'] * 1e3:.2f} ms, plain HF forward {step['hf'] * 1e3:.2f} ms: {ratio:.2f}x")
     if args.json:
         rows = [{"name": f"worker_decode_tokens_per_s_c{n}", "value": median[n], "unit": "tokens/s"} for n in CONCURRENCY]
         rows += [{"name": f"worker_batching_speedup_c{n}", "value": median[n] / median[1], "unit": "ratio"} for n in CONCURRENCY]
         rows.append({"name": "worker_wire_bytes_per_session_step", "value": wire[1], "unit": "bytes"})
+        rows.append({"name": "worker_step_vs_hf_forward", "value": ratio, "unit": "ratio"})
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=2)
-    client.close()
-    server.stop(grace=None)
     return 0
 
 

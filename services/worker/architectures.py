@@ -5,9 +5,11 @@ truncate + extend equals recomputation, greedy Draft equals HF ``generate``, and
 up-scaled composition with it as the base gives the oracle's greedy tokens; sliding-window
 models with sessions longer than their window).
 
-Anything else is refused at load, naming it: the worker's batching (left-padded caches, a
-2-D attention mask, explicit position ids, every layer's keys and values kept) is exact only
-for decoder-only attention models whose forward honours all of those. A recurrent or hybrid
+Anything else is refused at load, naming it: the worker's batching (services/worker/slots.py:
+a cache object whose ``update`` writes in place, attention through transformers'
+AttentionInterface under the worker's own mask, explicit position ids, every layer's keys
+and values kept) is exact only for decoder-only attention models whose forward honours all
+of those. A recurrent or hybrid
 model (Mamba, Jamba), an encoder-decoder, or one with its own cache type would be served
 wrong, and a model served wrong is worse than one refused.
 """

@@ -1,4 +1,4 @@
-"""KV caches per (session, model) under a budget: a number of caches and of cached tokens,
+"""Sessions per (session, model) under a budget: a number of caches and of token slots,
 and when each session was last used (sessions nobody uses any more are found by that)."""
 
 import time
@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 import torch
 
 from eft_core import NotFoundError, OverloadedError
-from services.worker.batch import SessionKV
 
 
 @dataclass
 class Session:
-    tokens: list[int] = field(default_factory=list)  # what the cache holds
-    kv: SessionKV | None = None
+    tokens: list[int] = field(default_factory=list)  # what the cache holds (its keys and values: services/worker/slots.py)
     generator: torch.Generator | None = None  # drafting RNG of a seeded session
 
 
@@ -40,19 +38,6 @@ class SessionStore:
     def peek(self, session_id: str, model: str) -> Session | None:
         return self._sessions.get((session_id, model))
 
-    def usage(self) -> tuple[int, int]:
-        """Sessions and cached tokens held now."""
-        return len(self), self.cached_tokens
-
-    def reserve(self, usage: tuple[int, int], new_sessions: int, new_tokens: int, field: str) -> None:
-        """Refuse, before any work, what would go over the budget from ``usage`` (taken once
-        per call: counting the tokens walks every session); ``field``: whose ask it is."""
-        sessions, tokens = usage
-        if sessions + new_sessions > self.max_sessions:
-            raise OverloadedError(f"{sessions} sessions held, {new_sessions} more asked, budget {self.max_sessions}", field=field)
-        if tokens + new_tokens > self.max_cached_tokens:
-            raise OverloadedError(f"{tokens} tokens cached, {new_tokens} more asked, budget {self.max_cached_tokens}", field=field)
-
     def put(self, session_id: str, model: str, session: Session) -> None:
         self._sessions[session_id, model] = session
         self._last_used[session_id] = time.monotonic()
@@ -69,3 +54,29 @@ class SessionStore:
         for session_id in ids:
             self._last_used.pop(session_id, None)
         return len(doomed)
+
+
+class Reservation:
+    """One call's admitted items, checked against the budget in order. A model's cache is a
+    rectangle (services/worker/slots.py): its token slots are its sessions x its longest
+    session, and those slots over all models are what ``max_cached_tokens`` bounds."""
+
+    def __init__(self, store: SessionStore, shapes: dict[str, tuple[int, int]]):
+        self.store, self.sessions, self.shapes = store, len(store), dict(shapes)  # model -> (sessions, longest)
+
+    def reserve(self, model: str, new_session: bool, length: int, field: str) -> None:
+        """Count a session of ``model`` that will hold ``length`` tokens; refuse, before any
+        work, what would go over the budget (``field``: whose ask it is)."""
+        sessions, budget = self.sessions + new_session, self.store.max_sessions
+        if sessions > budget:
+            raise OverloadedError(f"{self.sessions} sessions held, 1 more asked, budget {budget}", field=field)
+        rows, longest = self.shapes[model]
+        shape = (rows + new_session, max(longest, length))
+        slots = sum(r * n for name, (r, n) in self.shapes.items() if name != model) + shape[0] * shape[1]
+        if slots > self.store.max_cached_tokens:
+            raise OverloadedError(
+                f"model {model!r}'s cache would hold {shape[0]} sessions x {shape[1]} tokens (its longest session): "
+                f"{slots} token slots over all models, budget {self.store.max_cached_tokens}",
+                field=field,
+            )
+        self.sessions, self.shapes[model] = sessions, shape

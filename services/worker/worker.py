@@ -20,8 +20,8 @@ from eft_core.sampling import draft_distribution, sample_from_probs, seeded_gene
 from services.prompts import tokenizer_fingerprint
 from services.worker.api import DraftItem, Drafted, DraftQ, ExtendItem, Extended, ModelInfo, WorkerInfo, WorkerLimits
 from services.worker.architectures import check_supported
-from services.worker.batch import PaddedBatch
-from services.worker.sessions import Session, SessionStore
+from services.worker.sessions import Reservation, Session, SessionStore
+from services.worker.slots import SessionSlots
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ModelWorker:
     def __init__(self, models: list[HostedModel], limits: WorkerLimits = WorkerLimits()):
         self.models = {m.name: m for m in models}
         self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens)
-        self.max_forward_tokens = limits.max_forward_tokens
+        self.slots = {m.name: SessionSlots(m.model, limits.max_forward_tokens) for m in models}
         self.lock = threading.Lock()  # one call at a time: caches are shared state
         self.call_started: float | None = None  # time.monotonic() when the running call took the lock
 
@@ -142,10 +142,9 @@ class ModelWorker:
         answers = self._admit(items, [0] * len(items), _check_num_logits)
         for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
-            batch, sessions = self._batch(model, chosen)
             wanted = [max(1, item.num_logits) for item in chosen]
-            logits = batch.step([item.token_ids for item in chosen], wanted)
-            self._commit(model, chosen, batch, sessions)
+            logits = self._step(model, chosen, [item.token_ids for item in chosen], wanted)
+            sessions = self._commit(model, chosen, self._sessions(model, chosen))
             for row, (i, n) in enumerate(zip(rows, wanted)):
                 answers[i] = Extended(self._wire(logits[row, logits.shape[1] - n :], model, logits_dtype), len(sessions[row].tokens))
         return answers
@@ -154,9 +153,9 @@ class ModelWorker:
         answers = self._admit(items, [item.num_draft - 1 for item in items], _check_num_draft)
         for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
-            batch, sessions = self._batch(model, chosen)
-            drafted = self._draft_loop(model, chosen, batch, sessions)
-            self._commit(model, chosen, batch, sessions, drafts=[tokens for tokens, _ in drafted])
+            sessions = self._sessions(model, chosen)
+            drafted = self._draft_loop(model, chosen, sessions)
+            self._commit(model, chosen, sessions, drafts=[tokens for tokens, _ in drafted])
             for row, (i, (tokens, q)) in enumerate(zip(rows, drafted)):
                 answers[i] = Drafted(tokens, q, len(sessions[row].tokens))
         return answers
@@ -166,10 +165,12 @@ class ModelWorker:
         session = self.store.get(session_id, model, "session_id")
         require(isinstance(length, int) and 0 <= length <= len(session.tokens), "length", f"must be in [0, {len(session.tokens)}], got {length}")
         session.tokens = session.tokens[:length]
-        session.kv = session.kv.truncated(length) if session.kv else None
+        self.slots[model].truncate(session_id, length)
         return length
 
     def _release(self, session_ids: list[str]) -> int:
+        for slots in self.slots.values():
+            slots.release(session_ids)
         return self.store.release(session_ids)
 
     # --- internals -----------------------------------------------------------------------
@@ -179,27 +180,27 @@ class ModelWorker:
         rollbacks of the admitted ones. Per item: the error that refused it, or None. One
         item's problem (a lost session, a full budget, a bad rollback) fails that item alone."""
         require(len(items) > 0, "items", "must hold at least one item")
-        answers, seen, sessions, tokens, usage = [], set(), 0, 0, self.store.usage()
+        answers, seen = [], set()
+        budget = Reservation(self.store, {name: slots.shape() for name, slots in self.slots.items()})
         for i, (item, extra) in enumerate(zip(items, extra_tokens)):
             try:
-                new_sessions, new_tokens = self._needs(i, item, extra)
+                new_session, length = self._needs(i, item, extra)
                 check(i, item)
                 require((item.session_id, item.model) not in seen, f"items[{i}]", f"session {item.session_id!r} appears twice for model {item.model!r}")
-                self.store.reserve(usage, sessions + new_sessions, tokens + new_tokens, f"items[{i}]")
+                budget.reserve(item.model, new_session, length, f"items[{i}]")
             except EFTError as error:
                 answers.append(error)
                 continue
             seen.add((item.session_id, item.model))
-            sessions, tokens = sessions + new_sessions, tokens + new_tokens
             answers.append(None)
         for item, answer in zip(items, answers):
             if answer is None and item.truncate_to is not None:
                 self._truncate(item.session_id, item.model, item.truncate_to)
         return answers
 
-    def _needs(self, i: int, item, extra: int) -> tuple[int, int]:
-        """The new sessions and cached tokens item ``i`` asks for (``extra``: tokens it adds
-        beyond its token_ids); raises what is wrong with it."""
+    def _needs(self, i: int, item, extra: int) -> tuple[bool, int]:
+        """Whether item ``i`` starts a session, and the tokens its session will hold
+        (``extra``: tokens it adds beyond its token_ids); raises what is wrong with it."""
         hosted = self._model(item.model, f"items[{i}].model")
         require(isinstance(item.session_id, str) and item.session_id != "", f"items[{i}].session_id", "must be a non-empty string")
         require(len(item.token_ids) > 0, f"items[{i}].token_ids", "must hold at least one token")
@@ -215,7 +216,7 @@ class ModelWorker:
         length = kept + len(item.token_ids) + extra
         if length > hosted.max_sequence_length:
             raise ResourceExhaustedError(f"session would hold {length} tokens, over the model's {hosted.max_sequence_length}", field=f"items[{i}].token_ids")
-        return int(session is None), len(item.token_ids) + extra - (held - kept)
+        return session is None, length
 
     def _model(self, name: str, field_name: str) -> HostedModel:
         if name not in self.models:
@@ -231,28 +232,32 @@ class ModelWorker:
                 rows[item.model].append(i)
         return rows
 
-    def _batch(self, model: str, items) -> tuple[PaddedBatch, list[Session]]:
-        sessions = [self.store.peek(it.session_id, model) or Session() for it in items]
-        return PaddedBatch(self.models[model].model, [s.kv for s in sessions], self.max_forward_tokens), sessions
+    def _step(self, model: str, items, tokens: list[list[int]], keep: list[int]) -> torch.Tensor:
+        """One batched step of these items' sessions (see ``SessionSlots.step``), growing the
+        model's cache within what the budget leaves beside the other models' caches."""
+        others = sum(slots.allocated for name, slots in self.slots.items() if name != model)
+        return self.slots[model].step([item.session_id for item in items], tokens, keep, self.store.max_cached_tokens - others)
 
-    def _commit(self, model: str, items, batch: PaddedBatch, sessions: list[Session], drafts: list[list[int]] | None = None) -> None:
+    def _sessions(self, model: str, items) -> list[Session]:
+        return [self.store.peek(item.session_id, model) or Session() for item in items]
+
+    def _commit(self, model: str, items, sessions: list[Session], drafts: list[list[int]] | None = None) -> list[Session]:
+        """Record what the items' sessions now hold; returns ``sessions``."""
         for row, (item, session) in enumerate(zip(items, sessions)):
             drafted = drafts[row][:-1] if drafts else []  # the last draft was never fed
             session.tokens = session.tokens + list(item.token_ids) + drafted
-            session.kv = batch.session_kv(row)
-            assert session.kv.length == len(session.tokens), (session.kv.length, len(session.tokens))
+            assert self.slots[model].length(item.session_id) == len(session.tokens), (self.slots[model].length(item.session_id), len(session.tokens))
             self.store.put(item.session_id, model, session)
+        return sessions
 
-    def _draft_loop(self, model: str, items: list[DraftItem], batch: PaddedBatch, sessions: list[Session]) -> list[tuple[list[int], DraftQ]]:
+    def _draft_loop(self, model: str, items: list[DraftItem], sessions: list[Session]) -> list[tuple[list[int], DraftQ]]:
         """Feed each row its new tokens, then sample and feed drafts until every row has its k;
         per row, its drafts and the q each was drawn from (``draft_distribution``: greedy
         rows' q is one-hot, never computed). Only rows still drafting draw random numbers, so
         a seeded row ignores its batch-mates."""
         generators = {row: g for row, (item, session) in enumerate(zip(items, sessions)) if (g := self._generator(item, session))}
         sampling = SamplingBatch.from_params([item.sampling for item in items], generators)
-        step_logits = batch.step([item.token_ids for item in items], [1] * len(items))[:, -1]
-        if self.models[model].sliding_window and len({len(item.token_ids) for item in items}) > 1:
-            batch.compact()  # the drafts below are fed one per row per step: no padding between them again
+        step_logits = self._step(model, items, [item.token_ids for item in items], [1] * len(items))[:, -1]
         tokens, qs, vocab = [[] for _ in items], [[] for _ in items], self.models[model].tokenizer_size
         for step in range(max(item.num_draft for item in items)):
             active = [row for row, item in enumerate(items) if step < item.num_draft]
@@ -270,7 +275,7 @@ class ModelWorker:
             feed = [[tokens[row][-1]] if step + 1 < item.num_draft else [] for row, item in enumerate(items)]
             if not any(feed):
                 break
-            step_logits = batch.step(feed, [len(f) for f in feed])[:, -1]
+            step_logits = self._step(model, items, feed, [len(f) for f in feed])[:, -1]
         return [(t, DraftQ.of(torch.stack(q), torch.tensor(t, device=q[0].device)) if q else DraftQ.one_hot(torch.tensor(t))) for t, q in zip(tokens, qs)]
 
     def _generator(self, item: DraftItem, session: Session) -> torch.Generator | None:
