@@ -1,5 +1,5 @@
 """How many tokens to draft: the cost model of speculative decoding (Leviathan et al. 2023,
-section 3), used by adaptive speculation and by the benchmarks' ideal speedup.
+section 3), used by the benchmarks' ideal speedup, and the tuner adaptive speculation runs.
 
 With each draft token accepted independently with probability ``a`` (the acceptance rate),
 one speculative step of k drafts emits on average
@@ -11,11 +11,12 @@ decoding step costs 1 and emits 1 token), with ``c`` the cost of one draft step:
 
     speedup(a, k, c) = E[emitted] / (1 + k c)
 
-Adaptive speculation picks, per request, the k that maximises it for its running
-acceptance estimate and the measured c.
+Adaptive speculation does not trust this model to pick k: acceptance here comes in bursts
+rather than independently per token, and in a busy batch scoring k + 1 positions per row
+costs more than one. ``DraftLengthTuner`` measures instead.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eft_core.errors import require
 
@@ -34,30 +35,70 @@ def ideal_speedup(acceptance: float, k: int, draft_cost: float) -> float:
     return expected_emitted(acceptance, k) / (1.0 + k * draft_cost)
 
 
-def best_draft_k(acceptance: float, draft_cost: float, max_k: int) -> int:
-    """The k in [1, max_k] with the highest ideal speedup (ties: the smaller k). Never 0, so
-    that a request keeps measuring its acceptance."""
-    require(max_k >= 1, "max_k", f"must be >= 1, got {max_k}")
-    return max(range(1, max_k + 1), key=lambda k: (ideal_speedup(acceptance, k, draft_cost), -k))
+@dataclass
+class _Rate:
+    """Tokens per second of the iterations that ran one k, exponentially decayed."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    last_tried: int = -1  # the iteration number it last ran at
+
+    def add(self, tokens: int, seconds: float, decay: float, iteration: int) -> None:
+        self.tokens, self.seconds, self.last_tried = decay * self.tokens + tokens, decay * self.seconds + seconds, iteration
+
+    @property
+    def value(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
-class AcceptanceEstimate:
-    """A request's running acceptance rate: exponentially decayed counts of accepted draft
-    tokens and of trials (each accepted token is a trial, and so is the first rejection;
-    tokens after it were never judged), starting from ``prior`` worth ``prior_weight`` trials."""
+class DraftLengthTuner:
+    """The k that adaptive requests draft in an iteration, chosen from measured throughput:
+    tokens emitted per second of iteration, for each k in ``choices``, per context (the
+    composition, greedy or sampled, and the number of running requests' power-of-two
+    bucket: drafting pays less in a busy batch, where scoring k + 1 positions per row is
+    no longer almost free). Measured rather than modelled: it sees the real costs of
+    drafting, scoring and deciding at this load, and acceptance as it comes, bursts and all.
 
-    prior: float = 0.7
-    prior_weight: float = 2.0
-    decay: float = 0.8  # weight of the past at each new draft
-    accepted: float = 0.0
-    trials: float = 0.0
+    The search climbs: a context starts at ``start``; a k next to the best so far that has
+    not run yet runs next; once both neighbours have run, the best runs, and every
+    ``explore_every``-th iteration the neighbour that ran least recently runs instead, so a
+    change of load or of acceptance is followed. k = 0 is a choice: where drafting does not
+    pay, speculation stops (vLLM disables it by batch size for the same reason)."""
 
-    def observe(self, num_draft: int, num_accepted: int) -> None:
-        rejected = 1 if num_accepted < num_draft else 0
-        self.accepted = self.decay * self.accepted + num_accepted
-        self.trials = self.decay * self.trials + num_accepted + rejected
+    choices: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
+    start: int = 4
+    explore_every: int = 8
+    decay: float = 0.8  # weight of the past at each new iteration of a k
+    _rates: dict = field(default_factory=dict)  # context -> {k: _Rate}
+    _iteration: int = 0
 
-    @property
-    def rate(self) -> float:
-        return (self.accepted + self.prior * self.prior_weight) / (self.trials + self.prior_weight)
+    def __post_init__(self):
+        require(len(self.choices) > 0 and list(self.choices) == sorted(set(self.choices)) and self.choices[0] >= 0, "choices", f"must be distinct draft lengths >= 0 in increasing order, got {self.choices}")
+        self.start = min(self.choices, key=lambda k: abs(k - self.start))  # the choice nearest the asked start
+
+    @staticmethod
+    def context(composition: str, greedy: bool, running: int) -> tuple:
+        return composition, greedy, max(running, 1).bit_length()
+
+    def choose(self, context: tuple) -> int:
+        rates = self._rates.setdefault(context, {k: _Rate() for k in self.choices})
+        self._iteration += 1
+        tried = [k for k in self.choices if rates[k].seconds > 0]
+        if not tried:
+            return self.start
+        best = max(tried, key=lambda k: rates[k].value)
+        at = self.choices.index(best)
+        neighbours = self.choices[max(at - 1, 0) : at] + self.choices[at + 1 : at + 2]
+        untried = [k for k in neighbours if k not in tried]
+        if untried:
+            return untried[0]
+        if not neighbours or self._iteration % self.explore_every:
+            return best
+        return min(neighbours, key=lambda k: rates[k].last_tried)
+
+    def observe(self, context: tuple, k: int, tokens: int, seconds: float) -> None:
+        """An iteration in ``context`` in which the requests ran ``k`` drafts emitted ``tokens``."""
+        rates = self._rates.setdefault(context, {c: _Rate() for c in self.choices})
+        if k in rates:
+            rates[k].add(tokens, seconds, self.decay, self._iteration)

@@ -45,7 +45,7 @@ from eft_core import (
     Composition, DeadlineExceededError, EFTError, InternalError, InvalidArgumentError, NotFoundError, OverloadedError, ResourceExhaustedError, SamplingBatch,
     SamplingParams, SpeculationStats, UnavailableError, eft_logprobs, implicit_rewards,
 )  # fmt: skip
-from eft_core.draft_length import AcceptanceEstimate, best_draft_k
+from eft_core.draft_length import DraftLengthTuner
 from eft_core.sampling import sampling_probs, seeded_generator, stream_seed
 from eft_core.speculative import DraftProbs, accept_greedy_ragged, accept_ragged
 from services.coordinator.health import CallPolicy, ReplicaHealth
@@ -64,14 +64,13 @@ class EngineRequest:
     params: SamplingParams
     weights: tuple[float, ...]
     draft_k: int = 0  # drafts per step; 0: no speculation
-    adaptive: bool = False  # let draft_k follow the running acceptance (eft_core.draft_length)
+    adaptive: bool = False  # draft what the engine's tuner chooses each iteration (eft_core.draft_length)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
     finish_reason: str | None = None
     error: EFTError | None = None
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     placement: dict[str, WorkerClient] = field(default_factory=dict)  # model -> the replica holding its caches
     released: Future | None = None  # done when the release of its sessions is
 
@@ -88,8 +87,16 @@ class EngineRequest:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def next_k(self) -> int:
-        return min(self.draft_k, self.params.max_tokens - len(self.tokens) - 1)
+    def next_k(self, tuned: int | None) -> int:
+        """Drafts this iteration: the tuner's choice for an adaptive request (``tuned``), its
+        own k otherwise; never more than its remaining tokens need."""
+        k = tuned if self.adaptive and tuned is not None else self.draft_k
+        return min(k, self.params.max_tokens - len(self.tokens) - 1)
+
+    @property
+    def tuning_context(self) -> tuple | None:
+        """Its composition and sampling, for the draft-length tuner (None: it cannot speculate)."""
+        return (self.composition.name, self.params.greedy) if self.composition.drafter_model else None
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,7 @@ def pools_of(placement: Mapping[str, WorkerClient]) -> dict[str, ReplicaPool]:
 
 
 log = logging.getLogger(__name__)
-MAX_ADAPTIVE_K = 8
-INITIAL_DRAFT_COST = 0.25  # until measured: a drafter a few times cheaper than an iteration
+DRAFT_CHOICES = (0, 1, 2, 3, 4, 6, 8)  # what adaptive speculation drafts per step
 
 
 class Engine:
@@ -138,7 +144,7 @@ class Engine:
         self.releasing_lock = threading.Lock()
         self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
         self.placements, self.last_placed = 0, {}  # placements so far; the number of each replica's latest
-        self.draft_cost = INITIAL_DRAFT_COST  # one draft step, in plain iterations (measured, smoothed)
+        self.tuner = DraftLengthTuner(choices=DRAFT_CHOICES)
         self.phase_seconds: dict[str, float] = {}  # the latest iteration's draft, score and decide phases
 
     def step(self, requests: list[EngineRequest]) -> None:
@@ -147,8 +153,9 @@ class Engine:
             if not r.done and not r.placement:
                 self._place(r)
         active = [r for r in requests if not r.done]
-        ks = {r.id: r.next_k() for r in active}
-        started = time.perf_counter()
+        started, emitted_before = time.perf_counter(), {r.id: len(r.tokens) for r in active}
+        tuned = {c: self.tuner.choose(self.tuner.context(*c, len(active))) for c in {r.tuning_context for r in active if r.adaptive}}
+        ks = {r.id: r.next_k(tuned.get(r.tuning_context)) for r in active}
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         drafted_at = time.perf_counter()
         scored = self._score([r for r in active if not r.done], drafted)
@@ -161,8 +168,19 @@ class Engine:
                 r.cache.stepped(r.composition.scored_models, drafted.get(r.id, ([], None))[0], r.tokens[r.emitted_from :], r.draft_k > 0)
         self.phase_seconds = {"draft": drafted_at - started, "score": scored_at - drafted_at, "decide": time.perf_counter() - scored_at}
         self.release([r for r in active if r.done])
-        if drafted:
-            self._measure_draft_cost(drafted_at - started, time.perf_counter() - drafted_at, max(ks[i] for i in drafted))
+        self._observe_iteration(active, tuned, {r.id: len(r.tokens) - emitted_before[r.id] for r in active}, time.perf_counter() - started)
+
+    def _observe_iteration(self, active: list[EngineRequest], tuned: dict, emitted: dict[str, int], seconds: float) -> None:
+        """Tell the tuner what this iteration's draft length gave, per context whose requests
+        all ran one k: the tuner's, where any of them is adaptive, else their common k."""
+        groups = defaultdict(list)
+        for r in active:
+            if r.tuning_context is not None:
+                groups[r.tuning_context].append(r)
+        for context, rows in groups.items():
+            ks = {r.draft_k for r in rows if not r.adaptive} | ({tuned[context]} if context in tuned else set())
+            if len(ks) == 1:
+                self.tuner.observe(self.tuner.context(*context, len(active)), ks.pop(), sum(emitted[r.id] for r in rows), seconds)
 
     def release(self, requests: list[EngineRequest]) -> Future:
         """Free every worker session the requests hold (idempotent), without waiting on the
@@ -341,17 +359,8 @@ class Engine:
 
     def _observe_drafts(self, r: EngineRequest, drafted: int, accepted: int) -> None:
         r.stats.observe_draft(drafted, accepted)
-        r.acceptance.observe(drafted, accepted)
         if self.metrics is not None:
             self.metrics.observe_draft(r.composition.name, drafted, accepted)
-        if r.adaptive:
-            r.draft_k = best_draft_k(r.acceptance.rate, self.draft_cost, MAX_ADAPTIVE_K)
-
-    def _measure_draft_cost(self, draft_s: float, rest_s: float, k: int) -> None:
-        """One draft step's cost in plain iterations (scoring, deciding, rolling back: all an
-        iteration does besides drafting), from this iteration's phases (smoothed)."""
-        if rest_s > 0:
-            self.draft_cost = 0.8 * self.draft_cost + 0.2 * (draft_s / k) / rest_s
 
     @staticmethod
     def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]]) -> None:

@@ -3,6 +3,7 @@
 import pytest
 
 from eft_core import SamplingParams
+from eft_core.draft_length import DraftLengthTuner
 from services.coordinator.engine import Engine, ReplicaPool, pools_of
 from tests.services.coordinator.helpers import make_request, questions, run
 
@@ -154,18 +155,25 @@ def test_a_cache_the_worker_lost_fails_its_request_instead_of_decoding_from_a_wr
     assert sum(w.info().sessions for w in worker_objects) == 0
 
 
-@pytest.mark.parametrize("draft_cost, grows", [(0.02, True), (2.0, False)])
-def test_adaptive_k_follows_acceptance_and_draft_cost(workers, oracle, tokenizers, quick_family, draft_cost, grows):
+@pytest.mark.parametrize("choices", [(0,), (3,), (0, 1, 2, 3)])
+def test_adaptive_requests_draft_the_tuners_choice_and_stay_exact(workers, oracle, tokenizers, quick_family, choices):
+    """(0,): speculation off for them all along, (3,): always 3, (0, 1, 2, 3): k changing
+    between iterations, to and from 0, while the drafter's cache follows."""
     placement, _ = workers
     engine = Engine(pools_of(placement), oracle.vocab_sizes)
-    engine.draft_cost, engine._measure_draft_cost = draft_cost, lambda *timings: None  # a fixed cost model
+    engine.tuner = DraftLengthTuner(choices=choices, start=2, explore_every=2)
     params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
-    requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=1) for i, m in enumerate(questions(quick_family))]
+    requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=4) for i, m in enumerate(questions(quick_family))]
     for r in requests:
         r.adaptive = True
+    ran = []
+    choose = engine.tuner.choose
+    engine.tuner.choose = lambda context: ran.append(choose(context)) or ran[-1]
     run(engine, requests)
-    drafted = sum(r.stats.draft_tokens for r in requests) / sum(r.stats.drafts for r in requests)
-    assert (drafted > 2.0) if grows else (drafted == 1.0), drafted
+    drafted = sum(r.stats.draft_tokens for r in requests)
+    assert set(ran) <= set(choices) and (drafted == 0) == (choices == (0,)), ran
+    if len(choices) > 1:
+        assert 0 in ran and max(ran) > 0, ran
     for r, messages in zip(requests, questions(quick_family)):
         assert r.tokens == oracle.generate("upscaled", messages, params).generation.tokens
 
