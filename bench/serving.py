@@ -7,6 +7,8 @@ Systems, measured interleaved round by round so that machine drift cancels:
 - ``batched_loop``: what the published proxy-tuning code does: the same, on a batch of
   ``c`` requests sharing one left-padded KV cache per model, in process;
 - ``base_only``: the served large base alone (a composition with no deltas);
+- ``base_alone``: the large base alone in process, in the batched loop below (Hugging Face's
+  own batched decoding: the floor of up-scaling's cost);
 - ``eft``: served up-scaling (large-base + small-tuned - small-base), speculation off;
 - ``eft_spec_k<k>`` / ``eft_spec_auto``: the same with speculation, fixed k or adaptive.
 
@@ -39,7 +41,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -84,10 +86,16 @@ class Run:
     itl: list[float] = field(default_factory=list)
     drafted: int = 0
     accepted: int = 0
+    iterations: int = 0  # the engine's, during the run
+    overhead: float = 0.0  # seconds of them outside the slowest worker's compute (services.coordinator.engine.IterationTiming)
 
     @property
     def tps(self) -> float:
         return self.tokens / self.wall
+
+    @property
+    def overhead_per_iteration(self) -> float:
+        return self.overhead / self.iterations if self.iterations else float("nan")
 
 
 # --- the systems -------------------------------------------------------------------------
@@ -139,12 +147,15 @@ class Served:
 
         errors: list[grpc.RpcError] = []
         threads = [threading.Thread(target=client, args=(share, n)) for n, share in enumerate(shares)]
+        timing, before = self.scheduler.engine.timing, replace(self.scheduler.engine.timing)
         started = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         run.wall = time.perf_counter() - started
+        run.iterations = timing.iterations - before.iterations
+        run.overhead = (timing.wall_seconds - before.wall_seconds) - (timing.compute_seconds - before.compute_seconds)
         if errors:
             raise RuntimeError(f"{len(errors)} requests of {composition!r} failed, the first with {errors[0].code().name}: {errors[0].details()}")
         return run
@@ -271,7 +282,7 @@ class BatchedLoop(InProcess):
 
     @torch.inference_mode()
     def _generate(self, prompts: list, sampling: SamplingBatch, max_tokens: int) -> list[list[int]]:
-        vocab = composition_vocab_sizes([self.composition], {m: lm.tokenizer for m, lm in self.models.items()})["upscaled"]
+        vocab = composition_vocab_sizes([self.composition], {m: lm.tokenizer for m, lm in self.models.items()})[self.composition.name]
         state = {m: _left_padded([render_prompt(lm.tokenizer, p) for p in prompts], lm.model.device) for m, lm in self.models.items()}
         generated = []
         for _ in range(max_tokens):
@@ -285,6 +296,13 @@ class BatchedLoop(InProcess):
             for m, (_, mask, cache) in state.items():
                 state[m] = (tokens[:, None].to(mask.device), torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1), cache)
         return [list(t) for t in zip(*generated)]
+
+
+class BaseAlone(BatchedLoop):
+    """The same loop with the large base alone: Hugging Face's own batched decoding, in
+    process, the floor of up-scaling's cost."""
+
+    composition = COMPOSITIONS["base-only"]
 
 
 def _left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -333,7 +351,7 @@ class Study:
     def record(self, key: str, value) -> None:
         self.results.setdefault(key, []).append(value)
 
-    def measure_round(self, served: Served, naive: Naive, loop: "BatchedLoop", prompts: dict) -> None:
+    def measure_round(self, served: Served, naive: Naive, loop: "BatchedLoop", alone: "BaseAlone", prompts: dict) -> None:
         a = self.args
         for temperature in (0.0, 1.0):
             t = "greedy" if temperature == 0 else "t1"
@@ -341,6 +359,7 @@ class Study:
                 reqs = prompts[c]
                 self.record(("naive", c, t), naive.run(reqs, temperature, a.max_tokens) if c == 1 or t == "greedy" else None)
                 self.record(("batched_loop", c, t), loop.run(reqs, temperature, a.max_tokens, batch=c))
+                self.record(("base_alone", c, t), alone.run(reqs, temperature, a.max_tokens, batch=c))
                 self.record(("base_only", c, t), served.run("base-only", spec("off"), reqs, c, temperature, a.max_tokens))
                 self.record(("eft", c, t), served.run("upscaled", spec("off"), reqs, c, temperature, a.max_tokens))
                 for k in a.ks:
@@ -390,14 +409,16 @@ def main() -> int:
     served = Served(study.family_dir, args.threads, args.device, study.base_models)
     naive = Naive(study.family_dir, args.device)
     loop = BatchedLoop(study.family_dir, args.device, naive.models)
+    alone = BaseAlone(study.family_dir, args.device, {"large-base": naive.models["large-base"]})
     prompts = {c: study.prompts(max(args.requests, c)) for c in args.concurrency}
     served.run("upscaled", spec("3"), prompts[args.concurrency[-1]], args.concurrency[-1], 0.0, 4)  # warm-up
     print(f"naive loop: {naive.calibrate(prompts[1][:4])} torch thread(s) is its fastest", flush=True)
     loop.check(naive, prompts[args.concurrency[-1]], args.max_tokens)
     print(f"batched loop: greedy tokens equal the oracle's; {loop.calibrate(prompts[args.concurrency[-1]][:4])} torch thread(s) is its fastest", flush=True)
+    print(f"base alone: {alone.calibrate(prompts[args.concurrency[-1]][:4])} torch thread(s) is its fastest", flush=True)
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds} ...", flush=True)
-        study.measure_round(served, naive, loop, prompts)
+        study.measure_round(served, naive, loop, alone, prompts)
     rows, table = report(study, served, naive, args)
     print(table)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
@@ -482,7 +503,43 @@ def headline(study: Study, served: Served, tps: dict, add, lines: list, args) ->
         cost_scaled(tps, add, lines, args)
     lines.append(f"eft / base_only (c=1): {eft / base:.2f}; eft_spec / base_only: {spec_tps / base:.2f}; eft c={c16} / naive c={c16}: {tps[('eft', c16, 'greedy')] / tps[('naive', c16, 'greedy')]:.2f}")
     lines.append(f"eft / batched_loop (the proxy-tuning loop, in process): c=1 {eft / tps[('batched_loop', 1, 'greedy')]:.2f}, c={c16} {tps[('eft', c16, 'greedy')] / tps[('batched_loop', c16, 'greedy')]:.2f}")
+    overhead(study, add, lines, c16)
+    never_loses(tps, add, lines)
+    alone = tps[("base_alone", c16, "greedy")]
+    add(f"eft_c{c16}_vs_base_alone", tps[("eft", c16, "greedy")] / alone, "ratio")
+    lines.append(f"eft c={c16} / the base alone in process at batch {c16} ({alone:.0f} tok/s): {tps[('eft', c16, 'greedy')] / alone:.2f}")
     transport(served, study.prompts(1) * 4, add, lines)
+
+
+def overhead(study: Study, add, lines: list, c16: int) -> None:
+    """Served eft's iteration overhead: wall time minus the slowest worker's compute."""
+    parts = []
+    for c in (1, c16):
+        runs = [x for x in study.results[("eft", c, "greedy")] if x is not None]
+        per_iteration = statistics.median(x.overhead_per_iteration for x in runs)
+        share = sum(x.overhead for x in runs) / sum(x.wall for x in runs)
+        add(f"eft_iteration_overhead_c{c}", per_iteration, "s")
+        add(f"eft_iteration_overhead_share_c{c}", share, "fraction of wall time")
+        parts.append(f"c={c} {per_iteration * 1e3:.2f} ms ({share:.0%} of wall time)")
+    lines.append("eft iteration overhead (wall minus the slowest worker's compute per phase): " + ", ".join(parts))
+
+
+def never_loses(tps: dict, add, lines: list) -> None:
+    """Adaptive speculation against the best of speculation off and every fixed k, per cell."""
+    worst = None
+    for (system, c, t), auto in sorted(tps.items()):
+        if not system.endswith("eft_spec_auto"):
+            continue
+        family = system.removesuffix("_spec_auto")
+        others = {s: v for (s, cc, tt), v in tps.items() if (cc, tt) == (c, t) and (s == family or s.startswith(family + "_spec_k"))}
+        best = max(others, key=others.get)
+        ratio = auto / others[best]
+        add(f"{system}_vs_best_c{c}_{t}", ratio, "ratio")
+        if worst is None or ratio < worst[0]:
+            worst = (ratio, f"{system} c={c} {t} vs {best}")
+    if worst:
+        add("eft_spec_auto_vs_best_min", worst[0], "ratio")
+        lines.append(f"adaptive speculation / the best of off and every fixed k: worst cell {worst[0]:.2f} ({worst[1]})")
 
 
 def cost_scaled(tps: dict, add, lines: list, args) -> None:

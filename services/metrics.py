@@ -63,6 +63,7 @@ class ServingMetrics:
         self.accepted_tokens = Counter("eft_spec_decode_num_accepted_tokens", "Draft tokens accepted", c, registry=r)
         self.accepted_per_position = Counter("eft_spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each draft position (0-based)", c + ["position"], registry=r)
         self.step_latency = Histogram("eft_worker_step_latency_seconds", "Latency of one batched call to a worker, seen by the coordinator", ["worker", "method"], buckets=STEP_BUCKETS, registry=r)
+        self.iteration_overhead = Histogram("eft_iteration_overhead_seconds", "Wall time of an engine iteration minus, per call phase, its slowest worker's compute time", buckets=STEP_BUCKETS, registry=r)
         self.batch_size = Histogram("eft_worker_batch_size", "Sessions in one batched call to a worker", ["worker", "method"], buckets=BATCH_BUCKETS, registry=r)
         self.logits_bytes = Counter("eft_logits_bytes", "Tensor bytes received from workers (Extend's logits, Draft's q)", ["worker", "method"], registry=r)
         self.wire_bytes = Counter("eft_wire_bytes", "Tensor bytes received from workers for a composition's requests; over eft_generation_tokens: wire bytes per token", c, registry=r)
@@ -128,11 +129,11 @@ def scheduler_state(scheduler) -> Callable[[], list[GaugeMetricFamily]]:
         ks: dict[str, list[int]] = {}
         for request in running:
             if request.adaptive:
-                ks.setdefault(request.composition.name, []).append(request.draft_k)
+                ks.setdefault(request.composition.name, []).append(request.current_k)
         return [
             gauge("eft_num_requests_running", "Requests in the running batch", [], [([], len(running))]),
             gauge("eft_num_requests_waiting", "Requests waiting to join it", [], [([], waiting)]),
-            gauge("eft_spec_decode_current_k", "Mean draft length of the running adaptive requests", ["composition"], [([c], sum(k) / len(k)) for c, k in ks.items()]),
+            gauge("eft_spec_decode_current_k", "Mean draft length of the running adaptive requests in their latest iteration", ["composition"], [([c], sum(k) / len(k)) for c, k in ks.items()]),
         ]
 
     return read

@@ -77,6 +77,7 @@ class EngineRequest:
     def __post_init__(self):
         self.weights_tensor = torch.tensor([self.weights], dtype=torch.float32).reshape(1, len(self.composition.deltas))
         self.emitted_from = 0  # where this iteration's tokens start
+        self.current_k = 0  # what it drafted in its latest iteration
         seed = self.params.seed
         self.generator = seeded_generator(seed) if seed is not None else None  # sampling and acceptance
         self.draft_params = replace(self.params, seed=stream_seed(seed, "draft")) if seed is not None else self.params  # the drafter's own stream
@@ -121,6 +122,20 @@ log = logging.getLogger(__name__)
 DRAFT_CHOICES = (0, 1, 2, 3, 4, 6, 8)  # what adaptive speculation drafts per step
 
 
+@dataclass
+class IterationTiming:
+    """Totals over the engine's iterations. An iteration's compute is, per call phase (draft,
+    score), its slowest worker's compute time; the rest of its wall time is overhead (the
+    coordinator's deciding, transport, (de)serialisation, waiting)."""
+
+    iterations: int = 0
+    wall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def add(self, wall: float, compute: float) -> None:
+        self.iterations, self.wall_seconds, self.compute_seconds = self.iterations + 1, self.wall_seconds + wall, self.compute_seconds + compute
+
+
 class Engine:
     """``pools``: the worker groups by name (``pools_of`` makes them from a fixed placement).
     A request is placed on one replica per group when it starts and stays there;
@@ -146,6 +161,8 @@ class Engine:
         self.placements, self.last_placed = 0, {}  # placements so far; the number of each replica's latest
         self.tuner = DraftLengthTuner(choices=DRAFT_CHOICES)
         self.phase_seconds: dict[str, float] = {}  # the latest iteration's draft, score and decide phases
+        self.timing = IterationTiming()  # over every iteration so far
+        self._compute = 0.0  # the running iteration's worker compute so far
 
     def step(self, requests: list[EngineRequest]) -> None:
         """Advance every unfinished request by one iteration."""
@@ -153,9 +170,11 @@ class Engine:
             if not r.done and not r.placement:
                 self._place(r)
         active = [r for r in requests if not r.done]
-        started, emitted_before = time.perf_counter(), {r.id: len(r.tokens) for r in active}
+        started, emitted_before, self._compute = time.perf_counter(), {r.id: len(r.tokens) for r in active}, 0.0
         tuned = {c: self.tuner.choose(self.tuner.context(*c, len(active))) for c in {r.tuning_context for r in active if r.adaptive}}
         ks = {r.id: r.next_k(tuned.get(r.tuning_context)) for r in active}
+        for r in active:
+            r.current_k = ks[r.id]
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         drafted_at = time.perf_counter()
         scored = self._score([r for r in active if not r.done], drafted)
@@ -168,7 +187,11 @@ class Engine:
                 r.cache.stepped(r.composition.scored_models, drafted.get(r.id, ([], None))[0], r.tokens[r.emitted_from :], r.draft_k > 0)
         self.phase_seconds = {"draft": drafted_at - started, "score": scored_at - drafted_at, "decide": time.perf_counter() - scored_at}
         self.release([r for r in active if r.done])
-        self._observe_iteration(active, tuned, {r.id: len(r.tokens) - emitted_before[r.id] for r in active}, time.perf_counter() - started)
+        wall = time.perf_counter() - started
+        self.timing.add(wall, self._compute)
+        if self.metrics is not None:
+            self.metrics.iteration_overhead.observe(wall - self._compute)
+        self._observe_iteration(active, tuned, {r.id: len(r.tokens) - emitted_before[r.id] for r in active}, wall)
 
     def _observe_iteration(self, active: list[EngineRequest], tuned: dict, emitted: dict[str, int], seconds: float) -> None:
         """Tell the tuner what this iteration's draft length gave, per context whose requests
@@ -381,7 +404,7 @@ class Engine:
         started before any is awaited, each under its deadline. A failed call fails just its
         requests (and ejects its replica); a failed item, just its request. Replicas already
         out of placement are not called."""
-        started, pending = time.perf_counter(), []
+        started, pending, compute = time.perf_counter(), [], defaultdict(float)
         for client, batch in calls.items():
             if (reason := self.health.is_ejected(client)) is not None:
                 _fail([r for r, _ in batch], UnavailableError(f"worker replica {_name(client)} left placement ({reason}); retry the request"))
@@ -397,12 +420,14 @@ class Engine:
                 continue
             if self.health.is_ejected(client) is None:
                 self.health.succeeded(client)
+            compute[client] += call.compute_seconds  # a worker runs its chunks one after another
             self._observe_call(client, method, time.perf_counter() - started, chunk, answers)
             for (r, item), answer in zip(chunk, answers):
                 if isinstance(answer, EFTError):
                     _fail([r], _item_failed(client, answer))
                 else:
                     yield (r, item), answer
+        self._compute += max(compute.values(), default=0.0)  # the phase waits on its slowest worker
 
     def _chunks(self, batch: list) -> list[list]:
         """The batch in calls whose answers stay under ``calls.max_answer_bytes``, counting

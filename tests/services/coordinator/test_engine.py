@@ -155,13 +155,14 @@ def test_a_cache_the_worker_lost_fails_its_request_instead_of_decoding_from_a_wr
     assert sum(w.info().sessions for w in worker_objects) == 0
 
 
-@pytest.mark.parametrize("choices", [(0,), (3,), (0, 1, 2, 3)])
+@pytest.mark.parametrize("choices", [(0,), (3,), (0, 2)])
 def test_adaptive_requests_draft_the_tuners_choice_and_stay_exact(workers, oracle, tokenizers, quick_family, choices):
-    """(0,): speculation off for them all along, (3,): always 3, (0, 1, 2, 3): k changing
-    between iterations, to and from 0, while the drafter's cache follows."""
+    """(0,): speculation off for them all along, (3,): always 3, (0, 2): k changing between
+    iterations, to and from 0 (the other choice is probed every second iteration), while
+    the drafter's cache follows."""
     placement, _ = workers
     engine = Engine(pools_of(placement), oracle.vocab_sizes)
-    engine.tuner = DraftLengthTuner(choices=choices, start=2, explore_every=2)
+    engine.tuner = DraftLengthTuner(choices=choices, start=0, explore_every=2)
     params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
     requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=4) for i, m in enumerate(questions(quick_family))]
     for r in requests:
@@ -231,6 +232,8 @@ class _Corrupting(_Counting):
         call = super().start(method, items, timeout)
 
         class Corrupted:
+            compute_seconds = 0.0
+
             def result(inner):
                 answers = call.result()
                 hit = lambda item: method == self.method and item.session_id.split("#")[0] == self.victim  # noqa: E731
@@ -260,3 +263,17 @@ def test_a_malformed_answer_fails_its_request_alone_with_internal(workers, oracl
     for r, messages in [(requests[0], asked[0]), (requests[2], asked[2])]:
         assert r.tokens == oracle.generate("upscaled", messages, params).generation.tokens
     assert all(w.info().sessions == 0 for w in worker_objects)
+
+
+def test_iteration_timing_splits_wall_time_into_the_slowest_workers_compute_and_overhead(workers, oracle, tokenizers, quick_family):
+    placement, _ = workers
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    requests = [make_request(i, "upscaled", m, tokenizers, params, draft_k=2) for i, m in enumerate(questions(quick_family)[:2])]
+    steps = 0
+    while not all(r.done for r in requests):
+        engine.step(requests)
+        steps += 1
+    timing = engine.timing
+    assert timing.iterations == steps
+    assert 0 < timing.compute_seconds < timing.wall_seconds  # in process, a call's compute is its whole time; gRPC adds transport
