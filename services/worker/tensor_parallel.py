@@ -17,15 +17,18 @@ import subprocess
 import sys
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from eft_core import EFTError
 from services.pb.eft.v1 import worker_pb2
 from services.wire import wire_dtype
 from services.worker import convert
 from services.worker.api import DraftItem, WorkerLimits
+from services.worker.checkpoint import SafetensorsFiles
 from services.worker.worker import HostedModel, ModelWorker, load_hosted_model
 
 log = logging.getLogger(__name__)
@@ -57,14 +60,69 @@ def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
 
 
 def load_tensor_parallel_model(name: str, source: str, tp: int, dtype: torch.dtype, device: str) -> HostedModel:
-    """Load on this rank, then shard with ``deepspeed.init_inference`` (AutoTP, no kernel injection)."""
-    import deepspeed
-
-    hosted = load_hosted_model(name, source, dtype, "cpu")
-    engine = deepspeed.init_inference(hosted.model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False)
-    hosted.model = engine.module.to(device).eval()
+    """This rank's shard of the model, sharded by DeepSpeed AutoTP (no kernel injection)."""
+    hosted = load_hosted_model(name, source, dtype, device, load=lambda path, dtype: _load_shard(path, tp, dtype, device))
     hosted.tensor_parallel_size = tp
     return hosted
+
+
+def _load_shard(path: str, tp: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """Materialise only this rank's shard: build the model on the meta device, let
+    ``deepspeed.init_inference`` replace its layers (shapes only, nothing to copy), then read
+    each weight from the safetensors files on its own. A layer DeepSpeed splits into
+    contiguous parts (``_partition_sizes`` at ``tp_index``: rows of a column-parallel
+    linear, columns of a row-parallel one and of the LM head) gets just its part read; any
+    other kind of split layer is handed the full weight and cuts it with its own partition
+    code. Either way each rank holds what a fully loaded model sharded by DeepSpeed would,
+    with at most one full weight in host memory at a time (each goes to ``device`` as it is
+    read). Checkpoints without safetensors files load whole first (every rank holds the
+    full model for a moment)."""
+    import deepspeed
+
+    files = SafetensorsFiles.of(Path(path))
+    if files is None:
+        log.warning("%s has no safetensors files: every rank loads the whole model before sharding it", path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False).module
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False).module
+    _compute_buffers(model)  # not in the checkpoint (rotary frequencies); DeepSpeed left them allocated, not computed
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight -> model.embed_tokens.weight
+    for prefix, module in model.named_modules():
+        key = lambda n: (k if (k := f"{prefix}.{n}" if prefix else n) in files else tied.get(k, k))  # noqa: E731
+        _load_module(module, key, files, dtype, device)
+        for n in module._buffers:
+            if (k := f"{prefix}.{n}" if prefix else n) in files:  # a persistent buffer the checkpoint holds
+                module._buffers[n] = files.read(k)
+    return model
+
+
+def _load_module(module: torch.nn.Module, key, files: SafetensorsFiles, dtype: torch.dtype, device: str) -> None:
+    """Read a module's own parameters (``key(name)``: its checkpoint name), as its shard."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce, TensorParallel_Layer
+
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    split = {LinearLayer: {"weight": 0, "bias": 0}, LinearAllreduce: {"weight": 1}, LmHeadLinearAllreduce: {"weight": 1}}.get(type(module))
+    for n in names:
+        dim = split.get(n) if split is not None else None
+        if dim is None:
+            value = files.read(key(n))
+        else:
+            sizes = module._partition_sizes
+            value = files.read(key(n), dim, sum(sizes[: module.tp_index]), sizes[module.tp_index])
+        setattr(module, n, torch.nn.Parameter(value.to(device, dtype), requires_grad=False))
+    if names and split is None and isinstance(module, TensorParallel_Layer):
+        module._tp_partition([module.weight, getattr(module, "bias", None)])
+
+
+def _compute_buffers(model: torch.nn.Module) -> None:
+    """Compute the non-persistent buffers as the model's class initialises them."""
+    for module in model.modules():
+        if module._non_persistent_buffers_set:
+            for n in module._non_persistent_buffers_set:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+            model._init_weights(module)
 
 
 class TensorParallelWorker(ModelWorker):

@@ -48,15 +48,16 @@ class HostedModel:
         return getattr(self.model.config, "sliding_window", None)
 
 
-def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> HostedModel:
+def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", load=None) -> HostedModel:
     """``from_pretrained`` on a local folder or a hub id; an unreachable hub says so, and an
-    architecture the worker cannot step exactly is refused before its weights load."""
+    architecture the worker cannot step exactly is refused before its weights load.
+    ``load(source, dtype)``: how the model itself is loaded (a tensor-parallel rank's shard)."""
     started = time.perf_counter()
     log.info("loading model %r from %s (%s, %s)", name, source, dtype, device)
     try:
         check_supported(name, AutoConfig.from_pretrained(str(source)).model_type)
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype).to(device).eval()
+        model = (load or _load_whole)(str(source), dtype).to(device).eval()
     except OSError as error:
         if Path(source).exists():
             raise
@@ -67,6 +68,10 @@ def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.
         ) from error
     log.info("loaded %r: %.1fM parameters in %.1f s", name, sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - started)
     return HostedModel(name, model, tokenizer_fingerprint(tokenizer), len(tokenizer))
+
+
+def _load_whole(source: str, dtype: torch.dtype) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
 class ModelWorker:

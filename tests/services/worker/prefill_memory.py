@@ -4,7 +4,6 @@ tiny Llama with a large vocabulary (the LM head's output dominates). Run in a fr
 peak RSS before and after the call brackets it; prints one JSON line."""
 
 import json
-import resource
 import sys
 
 import torch
@@ -12,12 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from services.worker.api import ExtendItem, WorkerLimits
 from services.worker.worker import HostedModel, ModelWorker
+from tests.services.worker.peak_rss import peak_rss_mib
 
 VOCAB, PROMPT, ROWS = 8192, 2048, 32
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main(max_forward_tokens: int) -> dict:
@@ -30,9 +26,9 @@ def main(max_forward_tokens: int) -> dict:
     worker.extend([ExtendItem(s, "m", [1 + i]) for i, s in enumerate(short)])
     worker.extend([ExtendItem(s, "m", [2]) for s in short] + [ExtendItem("warm", "m", [3] * 64)])  # the allocator's working set
     prompt = torch.randint(3, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
-    before = peak_mib()
+    before = peak_rss_mib()
     answers = worker.extend([ExtendItem(s, "m", [5]) for s in short] + [ExtendItem("long", "m", prompt)])
-    rise = peak_mib() - before
+    rise = peak_rss_mib() - before
     with torch.inference_mode():
         expected = model(torch.tensor([prompt])).logits[0, -1]
     error = float((answers[-1].logits[0] - expected).abs().max())

@@ -1,18 +1,28 @@
-"""DeepSpeed AutoTP over two CPU processes (gloo) gives the logits of one process.
+"""DeepSpeed AutoTP over two CPU processes (gloo) gives the logits of one process, and each
+rank loads only its shard.
 
 The first run on a machine compiles DeepSpeed's shared-memory op (about a minute, cached in
 ~/.cache/torch_extensions)."""
 
+import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+import transformers
+from safetensors import safe_open
 
 from eft_core import SamplingParams
 from services.worker.api import DraftItem, ExtendItem
 from services.worker.client import GrpcWorkerClient, InProcessWorkerClient
 from services.worker.worker import ModelWorker, load_hosted_model
+from services.worker.checkpoint import SafetensorsFiles
 from services.worker.processes import start_worker, wait_listening
+from services.worker.tensor_parallel import _free_port
+from tests.services.worker.tp_memory import PROMPT
 
 STARTUP_SECONDS = 300
 
@@ -62,3 +72,46 @@ def test_tp2_stops_cleanly(tp2_address):
     _, process = tp2_address
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory, quick_family):
+    """A random Llama of 412 MB (float32) in one safetensors file (the case where reading a
+    whole file at once would hold the whole model), with the demo family's tokenizer."""
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=8, vocab_size=16000, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    folder = tmp_path_factory.mktemp("big")
+    model.save_pretrained(folder, max_shard_size="2GB")
+    transformers.AutoTokenizer.from_pretrained(quick_family.model_path("large-base")).save_pretrained(folder)
+    return folder, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_each_rank_materialises_only_its_shard_and_the_logits_equal_tp1(big_model):
+    folder, model_bytes = big_model
+    port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.services.worker.tp_memory", str(folder), str(rank), "2", str(port)], stdout=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    results = [json.loads(rank.communicate(timeout=STARTUP_SECONDS)[0].strip().splitlines()[-1]) for rank in ranks]
+    with torch.inference_mode():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(folder)(input_ids=torch.tensor([PROMPT])).logits[0, -3:]
+    bound = (1 / 2 + 0.3) * model_bytes / 2**20
+    for result in results:
+        print(result["rank"], result["peak_rise_mib"], "MiB of", round(model_bytes / 2**20), "bound", round(bound))
+        assert result["peak_rise_mib"] <= bound, result["peak_rise_mib"]
+        torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_slices_equal_the_library_s_tensors(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(7, 5).to(dtype), "b": torch.randn(3).to(dtype), "c": torch.randn(4, 6, 2).to(dtype), "empty": torch.zeros(0, 3).to(dtype)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    files = SafetensorsFiles.of(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as reference:
+        for name in tensors:
+            assert torch.equal(files.read(name), reference.get_tensor(name))
+    assert torch.equal(files.read("a", 0, 2, 3), tensors["a"][2:5]) and torch.equal(files.read("a", 1, 1, 3), tensors["a"][:, 1:4])
+    assert torch.equal(files.read("c", 1, 2, 4), tensors["c"][:, 2:6])
+    with pytest.raises(KeyError, match="no tensor 'missing'"):
+        files.read("missing")
