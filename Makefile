@@ -39,9 +39,10 @@ eval: install stubs  ## reproduce the EFT paper's up-scaling and mixing results 
 test: install stubs tools  ## set up .venv (torch, the project, its test extra, gRPC stubs), the test tools, and run pytest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install stubs  ## EFT serving vs its baselines, interleaved (about 7 min), then the coordinator's decide phase at real vocabularies (about 8 min); writes bench/results.json and bench/decide-results.json
+bench: install stubs  ## EFT serving vs its baselines, interleaved (about 8 min), one worker's decode step against a plain HF forward (about 1 min), then the coordinator's decide phase at real vocabularies (about 8 min); writes bench/results.json, bench/worker-results.json and bench/decide-results.json
 	$(BIN)/eft family build
 	$(BIN)/python bench/serving.py $(ARGS)
+	$(BIN)/python bench/worker_batching.py --json bench/worker-results.json
 	$(BIN)/python bench/decide.py
 
 load: install stubs  ## 32 streaming clients for 60 s on the local Ray deployment, every token checked, then RSS over 500 requests; writes bench/load-results.json

@@ -68,8 +68,8 @@ class DraftLengthTuner:
 
     choices: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
     start: int = 4
-    explore_every: int = 8
-    decay: float = 0.8  # weight of the past at each new iteration of a k
+    explore_every: int = 16
+    decay: float = 0.98  # weight of the past at each new iteration of a k: about 50 iterations remembered, as one iteration's tokens vary from 1 to k + 1
     _rates: dict = field(default_factory=dict)  # context -> {k: _Rate}
     _iteration: int = 0
 

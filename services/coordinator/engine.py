@@ -191,19 +191,22 @@ class Engine:
         self.timing.add(wall, self._compute)
         if self.metrics is not None:
             self.metrics.iteration_overhead.observe(wall - self._compute)
-        self._observe_iteration(active, tuned, {r.id: len(r.tokens) - emitted_before[r.id] for r in active}, wall)
+        self._observe_iteration(active, tuned, emitted_before, wall)
 
-    def _observe_iteration(self, active: list[EngineRequest], tuned: dict, emitted: dict[str, int], seconds: float) -> None:
+    def _observe_iteration(self, active: list[EngineRequest], tuned: dict, emitted_before: dict[str, int], seconds: float) -> None:
         """Tell the tuner what this iteration's draft length gave, per context whose requests
-        all ran one k: the tuner's, where any of them is adaptive, else their common k."""
+        all ran one k: the tuner's, where any of them is adaptive, else their common k. Not
+        where a quarter or more of them were prefilling: their prompts' cost says nothing
+        about k, and would be charged to whichever k ran."""
         groups = defaultdict(list)
         for r in active:
             if r.tuning_context is not None:
                 groups[r.tuning_context].append(r)
         for context, rows in groups.items():
             ks = {r.draft_k for r in rows if not r.adaptive} | ({tuned[context]} if context in tuned else set())
-            if len(ks) == 1:
-                self.tuner.observe(self.tuner.context(*context, len(active)), ks.pop(), sum(emitted[r.id] for r in rows), seconds)
+            joined = sum(emitted_before[r.id] == 0 for r in rows)
+            if len(ks) == 1 and 4 * joined < len(rows):
+                self.tuner.observe(self.tuner.context(*context, len(active)), ks.pop(), sum(len(r.tokens) - emitted_before[r.id] for r in rows), seconds)
 
     def release(self, requests: list[EngineRequest]) -> Future:
         """Free every worker session the requests hold (idempotent), without waiting on the

@@ -145,7 +145,7 @@ class GrpcWorkerClient:
 
     def _start(self, method: str, request, timeout: float | None = None) -> "_GrpcCall":
         rpc, _, decode = self._methods[method]
-        return _GrpcCall(self._callers.submit(rpc, request, timeout=timeout or self.timeout), decode, self.timing[method])
+        return _GrpcCall(self._callers.submit(_timed, rpc, request, timeout or self.timeout), decode, self.timing[method])
 
     def truncate(self, session_id, model, length):
         request = worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length)
@@ -161,22 +161,30 @@ class GrpcWorkerClient:
             raise error_from_rpc(error) from None
 
 
+def _timed(rpc, request, timeout: float) -> tuple[bytes, float]:
+    """The call's raw answer, and its own wall time (not the wait for a free thread, nor for
+    the caller to collect it)."""
+    started = time.perf_counter()
+    return rpc(request, timeout=timeout), time.perf_counter() - started
+
+
 class _GrpcCall:
     """A started model call: ``result()`` decodes the answers, or raises the project's error;
-    it adds the call's wall time and the worker's compute time to ``timing`` and keeps the
-    latter as ``compute_seconds``."""
+    it adds the call's wall time (request sent to answer received, plus decoding) and the
+    worker's compute time to ``timing`` and keeps the latter as ``compute_seconds``."""
 
     def __init__(self, future, decode, timing: CallTiming):
         self.future, self.decode, self.timing = future, decode, timing
-        self.started, self.compute_seconds = time.perf_counter(), 0.0
+        self.compute_seconds = 0.0
 
     def result(self) -> list:
         try:
-            raw = self.future.result()
+            raw, seconds = self.future.result()
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+        decoding = time.perf_counter()
         answers, self.compute_seconds = self.decode(raw)
-        self.timing.add(time.perf_counter() - self.started, self.compute_seconds)
+        self.timing.add(seconds + time.perf_counter() - decoding, self.compute_seconds)
         return answers
 
 
