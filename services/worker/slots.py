@@ -159,24 +159,31 @@ class SessionSlots:
         """Append each session's tokens (a session may append none) and return the logits of
         its last ``keep[i]`` new positions, right-aligned: session i's are ``[i, -keep[i]:]``.
         ``limit``: token slots the buffers may grow to. Fed in chunks of
-        ``max_forward_tokens // rows`` positions per row (at least one). On failure every
-        session keeps the length it had."""
-        self.limit = limit
-        new = [s for s in session_ids if s not in self.row_of]
-        rows = self._arrange(session_ids)
-        by_row = [None] * len(rows)
-        for i, row in enumerate(rows):
-            by_row[row] = i
-        before = list(self.lengths)
+        ``max_forward_tokens // rows`` positions per row (at least one)."""
         width = min(max(len(t) for t in tokens), max(1, self.max_forward_tokens // len(tokens)))
-        self.target = (len(self.owners), max(self.lengths[row] + len(tokens[i]) for i, row in enumerate(rows)) + width)
-        try:
+        new = sum(s not in self.row_of for s in session_ids)
+        self.limit, self.target = limit, (len(self.owners) + new, max(self.length(s) + len(t) for s, t in zip(session_ids, tokens)) + width)
+        with self.undone_on_failure(session_ids):
+            rows = self._arrange(session_ids)
+            by_row = [None] * len(rows)
+            for i, row in enumerate(rows):
+                by_row[row] = i
             logits = self._chunked([tokens[i] for i in by_row], [keep[i] for i in by_row])
-        except BaseException:
-            self.lengths[: len(before)] = before
-            self.release(new)
-            raise
         return logits if rows == sorted(rows) else logits[torch.tensor(rows, device=logits.device)]
+
+    @contextlib.contextmanager
+    def undone_on_failure(self, session_ids: list[str]):
+        """Within the block, steps of these sessions; if it raises, each keeps the length it
+        had before it, and those it started are gone (their written columns lie past their
+        lengths, unread)."""
+        before = {s: self.length(s) for s in session_ids if s in self.row_of}
+        try:
+            yield
+        except BaseException:
+            for session_id, length in before.items():
+                self.truncate(session_id, length)
+            self.release([s for s in session_ids if s not in before])
+            raise
 
     def _arrange(self, session_ids: list[str]) -> list[int]:
         """Give new sessions rows and make the call's sessions rows [0, n); their rows."""

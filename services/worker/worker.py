@@ -42,11 +42,6 @@ class HostedModel:
     def max_sequence_length(self) -> int:
         return self.model.config.max_position_embeddings
 
-    @property
-    def sliding_window(self) -> int | None:
-        """Set when some layer attends to a window of recent tokens only."""
-        return getattr(self.model.config, "sliding_window", None)
-
 
 def load_hosted_model(name: str, source: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", load=None) -> HostedModel:
     """``from_pretrained`` on a local folder or a hub id; an unreachable hub says so, and an
@@ -148,7 +143,8 @@ class ModelWorker:
         for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
             wanted = [max(1, item.num_logits) for item in chosen]
-            logits = self._step(model, chosen, [item.token_ids for item in chosen], wanted)
+            with self.slots[model].undone_on_failure([item.session_id for item in chosen]):
+                logits = self._step(model, chosen, [item.token_ids for item in chosen], wanted)
             sessions = self._commit(model, chosen, self._sessions(model, chosen))
             for row, (i, n) in enumerate(zip(rows, wanted)):
                 answers[i] = Extended(self._wire(logits[row, logits.shape[1] - n :], model, logits_dtype), len(sessions[row].tokens))
@@ -159,7 +155,8 @@ class ModelWorker:
         for model, rows in self._by_model(items, answers).items():
             chosen = [items[i] for i in rows]
             sessions = self._sessions(model, chosen)
-            drafted = self._draft_loop(model, chosen, sessions)
+            with self.slots[model].undone_on_failure([item.session_id for item in chosen]):  # a draft loop is several steps
+                drafted = self._draft_loop(model, chosen, sessions)
             self._commit(model, chosen, sessions, drafts=[tokens for tokens, _ in drafted])
             for row, (i, (tokens, q)) in enumerate(zip(rows, drafted)):
                 answers[i] = Drafted(tokens, q, len(sessions[row].tokens))

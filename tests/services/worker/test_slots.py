@@ -74,3 +74,25 @@ def test_growth_stays_within_the_limit():
     assert slots.allocated == 2 * 20  # the longest row and one forward's padding
     slots.step(["a", "b"], [[3] * 15, [4]], [1, 1], 60)  # the target (2 x 40) would pass 60 slots: this forward's need
     assert slots.allocated == 2 * 25 and slots.shape() == (2, 25)
+
+
+def test_a_failed_step_leaves_every_session_as_it_was(monkeypatch):
+    model = _model("llama")
+    slots = SessionSlots(model, 8)  # 2 rows x 4 positions per forward: the 9-token row takes 3
+    slots.step(["a"], [[1, 2, 3]], [1], 10**7)
+    forward, calls = slots._forward, []
+
+    def fails_second(tokens, heads):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the device fell over")
+        return forward(tokens, heads)
+
+    monkeypatch.setattr(slots, "_forward", fails_second)
+    with pytest.raises(RuntimeError, match="fell over"):
+        slots.step(["b", "a"], [[4] * 9, [5]], [1, 1], 10**7)
+    assert (slots.length("a"), slots.length("b"), slots.shape()) == (3, 0, (1, 3))
+    monkeypatch.setattr(slots, "_forward", forward)
+    out = slots.step(["a"], [[5]], [1], 10**7)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], model(input_ids=torch.tensor([[1, 2, 3, 5]])).logits[0, -1:], rtol=0, atol=1e-4)
