@@ -54,7 +54,7 @@ class WorkerGroupConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: Ray's OMP_NUM_THREADS, from num_cpus); more threads than cores slow every worker on the node")
     tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")
     max_sessions: int = Field(WorkerLimits.max_sessions, ge=1, description="(session, model) caches held at once")
-    max_cached_tokens: int = Field(WorkerLimits.max_cached_tokens, ge=1, description="tokens held over all caches")
+    max_cached_tokens: int = Field(WorkerLimits.max_cached_tokens, ge=1, description="token slots over all models' caches, each model's being its sessions x its longest session")
     max_forward_tokens: int = Field(WorkerLimits.max_forward_tokens, ge=1, description="positions one forward computes (rows x widest new tokens, padding included); a longer prefill is fed in chunks, bounding a call's activation memory")
     session_idle_timeout_s: float = Field(120.0, gt=0, description="free sessions no call has used this long (a coordinator that restarted never releases its requests' caches); running requests use theirs every step")
     stall_timeout_s: float = Field(60.0, gt=0, description="a replica whose running call has held it this long fails Ray Serve's health check, which replaces it (a hung GPU or collective)")

@@ -116,7 +116,7 @@ class WorkerLimits:
     """What one worker holds and computes at once (the worker CLI's flags, a worker group's config)."""
 
     max_sessions: int = 256  # (session, model) caches
-    max_cached_tokens: int = 1 << 20  # tokens over all caches
+    max_cached_tokens: int = 1 << 20  # token slots over all models' caches: per model, its sessions x its longest session
     max_forward_tokens: int = 8192  # positions per forward, padding included: longer prefills are chunked
 
     def flags(self) -> list[str]:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default: %(default)s)")
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to bind; port 0 picks a free one (default: %(default)s)")
     parser.add_argument("--max-sessions", type=int, default=WorkerLimits.max_sessions, help="(session, model) caches held at once (default: %(default)s)")
-    parser.add_argument("--max-cached-tokens", type=int, default=WorkerLimits.max_cached_tokens, help="tokens held over all caches (default: %(default)s)")
+    parser.add_argument("--max-cached-tokens", type=int, default=WorkerLimits.max_cached_tokens, help="token slots over all models' caches, each model's being its sessions x its longest session (default: %(default)s)")
     parser.add_argument("--max-forward-tokens", type=int, default=WorkerLimits.max_forward_tokens, help="positions one forward computes, padding included; longer prefills are fed in chunks (default: %(default)s)")
     parser.add_argument("--session-idle-timeout", type=float, default=120.0, metavar="SECONDS", help="free sessions no call has used this long, e.g. a restarted coordinator's (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
