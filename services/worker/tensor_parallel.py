@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from eft_core import EFTError
+from eft_core import EFTError, InvalidArgumentError
 from services.pb.eft.v1 import worker_pb2
 from services.wire import wire_dtype
 from services.worker import convert
@@ -60,8 +60,18 @@ def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
 
 
 def load_tensor_parallel_model(name: str, source: str, tp: int, dtype: torch.dtype, device: str) -> HostedModel:
-    """This rank's shard of the model, sharded by DeepSpeed AutoTP (no kernel injection)."""
-    hosted = load_hosted_model(name, source, dtype, device, load=lambda path, dtype: _load_shard(path, tp, dtype, device))
+    """This rank's shard of the model, sharded by DeepSpeed AutoTP (no kernel injection).
+    A model AutoTP cannot shard, or whose sharded forward fails, is refused, naming it:
+    served wrong would be worse (every rank runs the same trial forward, so its collectives
+    match)."""
+    try:
+        hosted = load_hosted_model(name, source, dtype, device, load=lambda path, dtype: _load_shard(path, tp, dtype, device))
+        with torch.inference_mode():
+            hosted.model(input_ids=torch.tensor([[0, 1]], device=device), use_cache=False)
+    except (RuntimeError, AssertionError) as error:  # AutoTP's refusal, or a sharded forward that cannot run
+        model_type = AutoConfig.from_pretrained(source).model_type
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise InvalidArgumentError(f"DeepSpeed AutoTP cannot shard {model_type!r} over {tp} ranks ({reason}); serve it at tp 1", field=f"models[{name!r}].tp") from error
     hosted.tensor_parallel_size = tp
     return hosted
 
@@ -75,27 +85,39 @@ def _load_shard(path: str, tp: int, dtype: torch.dtype, device: str) -> torch.nn
     other kind of split layer is handed the full weight and cuts it with its own partition
     code. Either way each rank holds what a fully loaded model sharded by DeepSpeed would,
     with at most one full weight in host memory at a time (each goes to ``device`` as it is
-    read). Checkpoints without safetensors files load whole first (every rank holds the
-    full model for a moment)."""
+    read). Checkpoints without safetensors files, or whose tensor names are not the model's
+    (transformers converts those as it loads), load whole first: every rank holds the full
+    model for a moment."""
     import deepspeed
 
     files = SafetensorsFiles.of(Path(path))
     if files is None:
         log.warning("%s has no safetensors files: every rank loads the whole model before sharding it", path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False).module
+        return _load_whole_then_shard(path, tp, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     model = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False).module
-    _compute_buffers(model)  # not in the checkpoint (rotary frequencies); DeepSpeed left them allocated, not computed
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight -> model.embed_tokens.weight
+    name_of = lambda k: k if k in files else tied.get(k, k)  # noqa: E731
+    if missing := [k for k, _ in model.named_parameters() if name_of(k) not in files]:
+        # transformers converts such checkpoints as it loads (fused experts, renamed heads)
+        log.warning("%s names its tensors unlike the model (%s, ...): every rank loads the whole model before sharding it", path, missing[0])
+        return _load_whole_then_shard(path, tp, dtype)
+    _compute_buffers(model)  # not in the checkpoint (rotary frequencies); DeepSpeed left them allocated, not computed
     for prefix, module in model.named_modules():
-        key = lambda n: (k if (k := f"{prefix}.{n}" if prefix else n) in files else tied.get(k, k))  # noqa: E731
+        key = lambda n: name_of(f"{prefix}.{n}" if prefix else n)  # noqa: E731
         _load_module(module, key, files, dtype, device)
         for n in module._buffers:
             if (k := f"{prefix}.{n}" if prefix else n) in files:  # a persistent buffer the checkpoint holds
                 module._buffers[n] = files.read(k)
     return model
+
+
+def _load_whole_then_shard(path: str, tp: int, dtype: torch.dtype) -> torch.nn.Module:
+    import deepspeed
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False).module
 
 
 def _load_module(module: torch.nn.Module, key, files: SafetensorsFiles, dtype: torch.dtype, device: str) -> None:

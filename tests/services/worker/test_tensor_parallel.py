@@ -115,3 +115,34 @@ def test_checkpoint_slices_equal_the_library_s_tensors(tmp_path, dtype):
     assert torch.equal(files.read("c", 1, 2, 4), tensors["c"][:, 2:6])
     with pytest.raises(KeyError, match="no tensor 'missing'"):
         files.read("missing")
+
+
+def _two_ranks(folder) -> list[subprocess.CompletedProcess]:
+    port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.services.worker.tp_memory", str(folder), str(rank), "2", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    return [(rank, *rank.communicate(timeout=STARTUP_SECONDS)) for rank in ranks]
+
+
+@pytest.mark.parametrize("model_type, how", [("gemma2", "sharded"), ("mixtral", "whole first"), ("phi3", "refused")])
+def test_other_architectures_shard_exactly_or_are_refused_by_name(model_type, how, tmp_path, quick_family):
+    """gemma2 (sliding windows, soft-capping) loads shard by shard; mixtral's checkpoint names
+    its experts unlike the model, so it loads whole first; AutoTP cannot run phi3's fused
+    projections, so the worker refuses it at load."""
+    from tests.services.worker.test_architectures import CONFIGS
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(quick_family.model_path("large-base"))
+    config = CONFIGS[model_type]()
+    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = 320, None, tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    results = _two_ranks(tmp_path)
+    if how == "refused":
+        assert all(rank.returncode != 0 and f"DeepSpeed AutoTP cannot shard '{model_type}' over 2 ranks" in err for rank, _, err in results)
+        return
+    assert all(("loads the whole model before sharding it" in err) == (how == "whole first") for _, _, err in results)
+    with torch.inference_mode():
+        expected = model(input_ids=torch.tensor([PROMPT])).logits[0, -3:]
+    for _, out, _ in results:
+        torch.testing.assert_close(torch.tensor(json.loads(out.strip().splitlines()[-1])["logits"]), expected, rtol=0, atol=1e-4)
