@@ -74,15 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="serve compositions over gRPC and HTTP on a local Ray cluster",
-        description="Start a local Ray cluster bound to 127.0.0.1 and deploy the configuration (default: the demo family, "
-        "built if absent, with its compositions; `upscaled` is the default). Serves until Ctrl-C.",
+        help="serve compositions over gRPC and HTTP on a local Ray cluster (or a running one)",
+        description="Start a local Ray cluster bound to 127.0.0.1 (or attach to a running one: --address) and deploy the "
+        "configuration (default: the demo family, built if absent, with its compositions; `upscaled` is the default). Serves until Ctrl-C.",
     )
     serve.add_argument("--config", type=Path, help="YAML serving configuration (see README); default: the demo family")
     serve.add_argument("--grpc-port", type=int, default=None, help="public gRPC port (default: the config's, 50051)")
     serve.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default: the config's, 8000)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus scrape port, /metrics (default: the config's, 9464)")
-    serve.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
+    where.add_argument(
+        "--address", default=None, metavar="auto|HOST:PORT",
+        help="attach to a running Ray cluster instead of starting one: auto (the one this machine runs, e.g. after `ray start --head`) "
+        "or its GCS address; Ctrl-C then deletes this application and leaves the cluster running",
+    )  # fmt: skip
     serve.add_argument("--demo", action="store_true", help="once ready, stream one demo request and print it")
     serve.set_defaults(run=_serve)
 
@@ -160,7 +166,7 @@ def _serve(args) -> int:
     from cluster.serve_command import serve_until_interrupted
 
     ports = {"grpc_port": args.grpc_port, "http_port": args.http_port, "metrics_port": args.metrics_port}
-    return serve_until_interrupted(args.config, ports, args.num_cpus, args.demo)
+    return serve_until_interrupted(args.config, ports, args.num_cpus, args.demo, args.address)
 
 
 def _generate(args) -> int:

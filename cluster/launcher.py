@@ -1,4 +1,4 @@
-"""Starting the application on a local Ray cluster bound to 127.0.0.1."""
+"""Starting the application on a local Ray cluster bound to 127.0.0.1, or on a running one."""
 
 import os
 from dataclasses import dataclass
@@ -32,26 +32,40 @@ class LocalDeployment:
         return {name: [pid for pids in serve.get_deployment_handle(name, APP_NAME).broadcast("pids").results() for pid in pids] for name in deployments}
 
 
-def start_local(config: ServeConfig, num_cpus: int | None = None) -> LocalDeployment:
-    """Start Ray (loopback only, no dashboard) and Serve, deploy, and wait until ready. Ray
-    Serve's own HTTP proxy stays off: the gateway serves gRPC, HTTP and metrics itself."""
+def start_local(config: ServeConfig, num_cpus: int | None = None, address: str | None = None) -> LocalDeployment:
+    """Start Ray (loopback only, no dashboard), or attach to a running cluster at
+    ``address`` ("auto": the one this machine runs; or its GCS as HOST:PORT), and Serve;
+    deploy, and wait until ready. Ray Serve's own HTTP proxy stays off: the gateway serves
+    gRPC, HTTP and metrics itself."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1 (ENVIRONMENT.md)
     import ray
     from ray import serve
 
     from cluster.app import APP_NAME, build_app
 
+    if address is not None and num_cpus is not None:
+        raise ValueError("num_cpus sizes a new local cluster; an attached cluster has its own resources")
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        if address is None:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)  # Ray refuses num_cpus and the like when connecting
     serve.start(proxy_location="Disabled")
     handle = serve.run(build_app(config), name=APP_NAME, blocking=False)
     endpoints = handle.endpoints.remote().result()
     return LocalDeployment(endpoints["grpc"], endpoints["http"], endpoints["metrics"], handle)
 
 
-def stop_local() -> None:
+def stop_local(attached: bool = False) -> None:
+    """Stop the application: an attached cluster keeps running (and its Serve, for other
+    applications) with this application deleted; a local one stops."""
     import ray
     from ray import serve
 
-    serve.shutdown()
+    from cluster.app import APP_NAME
+
+    if attached:
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()
     ray.shutdown()

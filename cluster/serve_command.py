@@ -10,16 +10,22 @@ import grpc
 from cluster.config import ServeConfig, demo_config, load_config, load_tokenizers
 
 
-def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | None], num_cpus: int | None, demo: bool) -> int:
-    """``ports``: grpc_port, http_port, metrics_port overrides (None: the config's)."""
+def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | None], num_cpus: int | None, demo: bool, address: str | None = None) -> int:
+    """``ports``: grpc_port, http_port, metrics_port overrides (None: the config's);
+    ``address``: a running Ray cluster to attach to (None: start a local one)."""
     config = _config(config_path, ports)
     print("checking the tokenizers: chat templates render, each composition's models share one ...", flush=True)
     load_tokenizers(config)
-    print(f"starting a local Ray cluster (127.0.0.1) and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
+    where = "a local Ray cluster (127.0.0.1)" if address is None else f"the Ray cluster at {address}"
+    print(f"starting {where} and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
     from cluster.launcher import start_local, stop_local
 
     started = time.perf_counter()
-    deployment = start_local(config, num_cpus=num_cpus)
+    try:
+        deployment = start_local(config, num_cpus=num_cpus, address=address)
+    except ConnectionError as error:
+        print(f"error: cannot attach to the Ray cluster at {address!r}: {error} (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)", flush=True)
+        return 1
     names = ", ".join(c.name for c in config.compositions)
     print(f"EFT Serve ready in {time.perf_counter() - started:.0f} s:", flush=True)
     print(f"  gRPC eft.v1.EFTService  {deployment.address}", flush=True)
@@ -37,7 +43,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     print("serving; Ctrl-C stops", flush=True)
     stop.wait()
     print("stopping ...", flush=True)
-    stop_local()
+    stop_local(attached=address is not None)
     return 0
 
 
