@@ -5,8 +5,8 @@ broadcast to the other ranks (the serialized request message: bytes, never pickl
 ranks enter the same forward passes, whose all-reduces DeepSpeed inserted. The other ranks
 run ``follow``: receive, execute on their own shard, repeat, until rank 0 says stop.
 
-On the CPU the ranks talk over gloo with DeepSpeed's shared-memory all-reduce, which needs
-LOCAL_SIZE equal to the world size in every rank (ENVIRONMENT.md); on GPUs, nccl.
+On the CPU the ranks all-reduce over gloo (DeepSpeed's shared-memory kernel is kept off:
+``_without_shm_all_reduce``); on GPUs, nccl.
 """
 
 import logging
@@ -44,7 +44,7 @@ def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
-        LOCAL_SIZE=str(world_size),  # DeepSpeed's CPU shared-memory all-reduce segfaults otherwise
+        LOCAL_SIZE=str(world_size),  # DeepSpeed's CPU accelerator reads it (ENVIRONMENT.md)
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(master_port),
     )
@@ -53,10 +53,23 @@ def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
     on_gpu = device.startswith("cuda")
     if not on_gpu:
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+        _without_shm_all_reduce(deepspeed)
     # Followers wait in a broadcast between requests: an idle server must not time out (the
     # default is 10 minutes). A dead rank 0 is still noticed at once: its sockets close.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=IDLE_TIMEOUT)
     return f"cuda:{rank}" if on_gpu else "cpu"
+
+
+def _without_shm_all_reduce(deepspeed) -> None:
+    """On CPU, all-reduce through gloo instead of DeepSpeed's shared-memory kernel. That
+    kernel is compiled from C++ when the first rank starts (a compiler and ninja on every
+    serving image, tens of seconds per start with a new venv), and torch's build lock,
+    left behind by a start killed mid-build, makes every later start wait forever: the
+    failure that hung CI. CPU tensor parallelism serves tests and small deployments;
+    GPUs all-reduce through NCCL and never build it."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def load_tensor_parallel_model(name: str, source: str, tp: int, dtype: torch.dtype, device: str) -> HostedModel:
