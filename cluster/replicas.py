@@ -23,7 +23,7 @@ from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.prompts import composition_vocab_sizes
-from services.security import Security
+from services.security import HEALTHZ_PATH, Security
 from services.wire import DTYPE_NAMES
 from services.worker.client import info_or_none, model_contexts
 from services.worker.server import create_server as create_worker_server
@@ -116,7 +116,7 @@ class GatewayReplica:
         security = Security.from_files(*(tls or (None, None)), config.auth_token_file)
         self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security)
         self.http_server, http_port = start_http_server(create_app(gateway, security), config.host, config.http_port, tls)
-        self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port)
+        self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port, {HEALTHZ_PATH: gateway.healthz})
         scheme = "https" if tls else "http"
         self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"{scheme}://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}
         log.info("EFT Serve endpoints %s, workers %s", self.endpoints_, self.directory.addresses())

@@ -27,9 +27,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from services.worker.client import info_or_none
 
@@ -91,10 +94,31 @@ class ServingMetrics:
         for composition, received in bytes_by_composition.items():
             self.wire_bytes.labels(composition).inc(received)
 
-    def serve(self, host: str, port: int) -> tuple[object, int]:
-        """Start the scrape endpoint (``/metrics``) in a thread; returns the server and its port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, routes: dict[str, Callable[[], tuple[int, str]]] | None = None) -> tuple[object, int]:
+        """Start the scrape endpoint (``/metrics``) in a thread; returns the server and its
+        port. ``routes``: plain-text answers (status, text) on other paths of this port, which
+        has no TLS: KubeRay's health check reaches the gateway here when the public ports
+        have TLS on."""
+        server = make_server(host, port, _routed(make_wsgi_app(self.registry), routes or {}), ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server, server.server_port
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes and probes every few seconds: no access log
+        pass
+
+
+def _routed(metrics_app, routes: dict[str, Callable[[], tuple[int, str]]]):
+    def app(environ, start_response):
+        answer = routes.get(environ.get("PATH_INFO", ""))
+        if answer is None:
+            return metrics_app(environ, start_response)
+        status, text = answer()
+        start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode()]
+
+    return app
 
 
 class _StateCollector:

@@ -1,8 +1,8 @@
 """Transport security of the public ports: TLS from PEM files, and a bearer token that every
 call must carry (``authorization: Bearer <token>``, compared in constant time).
 
-The gRPC health service stays open (Kubernetes probes send no token); so do ``/health`` and
-``/metrics`` on HTTP. The scrape port has neither TLS nor token: keep it inside the cluster.
+The gRPC health service stays open (Kubernetes probes send no token); so do ``/health``,
+``/-/healthz`` (KubeRay's check) and ``/metrics`` on HTTP. The scrape port has neither TLS nor token: keep it inside the cluster.
 """
 
 import hmac
@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 
 OPEN_GRPC_METHODS = ("/grpc.health.v1.Health/",)
-OPEN_HTTP_PATHS = ("/health", "/metrics")
+HEALTHZ_PATH = "/-/healthz"  # Ray Serve's proxy health path, which KubeRay polls
+OPEN_HTTP_PATHS = ("/health", HEALTHZ_PATH, "/metrics")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,11 @@ class Gateway:
         serving = {name: alive and engine.servable(c) for name, c in self.compositions.items()}
         return {"": any(serving.values()), **serving}
 
+    def healthz(self) -> tuple[int, str]:
+        """Ray Serve's proxy health contract, which KubeRay polls on the port named ``serve``
+        (HEALTHZ_PATH): 200 with "success" to take traffic, 503 otherwise."""
+        return (200, "success") if self.health()[""] else (503, "unavailable: no composition can serve")
+
     def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
         """Validate everything once; errors name the field."""
         composition = self._composition(message.composition or self.default_composition)

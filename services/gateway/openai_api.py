@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP: ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` (streaming as server-sent events, or not), plus ``/health``
-and ``/metrics``.
+``POST /v1/chat/completions`` (streaming as server-sent events, or not), plus ``/health``,
+``/-/healthz`` (KubeRay's check, as Ray Serve's proxies answer it) and ``/metrics``.
 
 Each body is checked for shape here (unknown fields are 400 errors naming them), turned
 into an ``eft.v1.GenerateRequest`` and handed to ``Gateway.generate``: the gRPC and HTTP
@@ -25,7 +25,7 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eft_core import EFTError, InvalidArgumentError, OverloadedError
 from services.gateway.gateway import Gateway
 from services.pb.eft.v1 import eft_pb2
-from services.security import OPEN_HTTP_PATHS, Security
+from services.security import HEALTHZ_PATH, OPEN_HTTP_PATHS, Security
 
 FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
@@ -134,6 +134,11 @@ def create_app(gateway: Gateway, security: Security = Security()) -> FastAPI:
         overall = serving.pop("")
         compositions = {name: "serving" if ok else "not_serving" for name, ok in serving.items()}
         return JSONResponse({"status": "ok" if overall else "unavailable", "compositions": compositions}, status_code=200 if overall else 503)
+
+    @app.get(HEALTHZ_PATH)
+    def healthz():
+        status, text = gateway.healthz()
+        return PlainTextResponse(text, status_code=status)
 
     @app.get("/metrics")
     def metrics():

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from eft_core import SamplingParams
 from services.pb.eft.v1 import eft_pb2
+from services.security import HEALTHZ_PATH
 from tests.cluster.helpers import chat, sessions_held, wait_for
 
 EFT = str(Path(sys.executable).parent / "eft")
@@ -23,6 +25,13 @@ def test_health_and_reflection(stub):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     assert "eft.v1.EFTService" in {s.name for s in reply.list_services_response.service}
+
+
+def test_the_gateway_answers_kuberays_healthz_on_the_http_and_scrape_ports(deployment):
+    """What KubeRay polls on the port named serve (the chart's rule 3 and 4, tests/helm)."""
+    for base in (deployment.http, deployment.metrics.removesuffix("/metrics")):
+        reply = requests.get(base + HEALTHZ_PATH, timeout=10)
+        assert (reply.status_code, reply.text) == (200, "success")
 
 
 @pytest.mark.parametrize("mode", [eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED])

@@ -19,6 +19,7 @@ from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
+from services.security import HEALTHZ_PATH
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import questions, start_workers
@@ -37,7 +38,7 @@ def server(quick_family, oracle, tokenizers):
     metrics.add_state(worker_state(lambda: {"pair": placement["small-base"], "base": placement["large-base"]}, lambda client: None))
     http, port = start_http_server(create_app(gateway), "127.0.0.1", 0)
     grpc_server, grpc_port = create_server(gateway, "127.0.0.1:0")
-    metrics_server, metrics_port = metrics.serve("127.0.0.1", 0)
+    metrics_server, metrics_port = metrics.serve("127.0.0.1", 0, {HEALTHZ_PATH: gateway.healthz})
     yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", worker_objects
     http.should_exit = True
     metrics_server.shutdown()
@@ -217,6 +218,26 @@ def test_fuzzed_http_bodies_get_4xx_in_openai_shape_never_500(server):
     while sessions_held(server[3]):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_kuberay_healthz_on_the_http_and_scrape_ports(server, tokenizers, oracle):
+    """KubeRay labels the head pod serving when GET <serve port>/-/healthz answers 200 and
+    worker pods' default probe greps "success" (Ray Serve's proxy contract); the scrape
+    port answers it too, in plaintext, for a gateway whose public ports have TLS on."""
+    metrics_base = server[2].removesuffix("/metrics")
+    for base in (server[0], metrics_base):
+        reply = requests.get(base + HEALTHZ_PATH, timeout=10)
+        assert (reply.status_code, reply.text) == (200, "success")
+    assert "eft_num_requests_running" in requests.get(metrics_base + "/metrics", timeout=10).text  # the scrape path is unchanged
+    stopped = Scheduler(Engine({}, oracle.vocab_sizes), max_running=1, max_waiting=1)
+    stopped.close()  # no scheduler loop: nothing can serve
+    gateway = Gateway(family_compositions(), tokenizers, {}, stopped, "upscaled")
+    metrics_server, port = gateway.metrics.serve("127.0.0.1", 0, {HEALTHZ_PATH: gateway.healthz})
+    try:
+        reply = requests.get(f"http://127.0.0.1:{port}{HEALTHZ_PATH}", timeout=10)
+        assert reply.status_code == 503 and "success" not in reply.text
+    finally:
+        metrics_server.shutdown()
 
 
 def test_requests_over_the_size_limit_are_refused_before_parsing(server, client, quick_family):
