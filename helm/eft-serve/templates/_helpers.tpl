@@ -1,10 +1,13 @@
 {{/* Names and labels shared by the templates. */}}
 
+{{/* 47 characters at most: KubeRay >= 1.4 refuses longer RayService names (its RayCluster
+names take 6 more, within 53), and every other object adds a suffix of 14 or fewer,
+within the 63 of a Service name. */}}
 {{- define "eft-serve.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 47 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
@@ -68,8 +71,20 @@ imagePullPolicy: {{ .Values.image.pullPolicy }}
 {{- end }}
 {{- end -}}
 
-{{- define "eft-serve.grpcProbe" -}}
-grpc:
-  port: {{ .Values.ports.grpc }}
-  service: eft.v1.EFTService
+{{/* The port KubeRay polls for Ray Serve's health contract (GET /-/healthz, plain HTTP):
+the gateway's HTTP port, or with TLS on its scrape port, which answers it in plaintext. */}}
+{{- define "eft-serve.healthzPort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.ports.metrics }}{{ else }}{{ .Values.ports.http }}{{ end -}}
+{{- end -}}
+
+{{/* rayStartParams as the CRD takes them: every value a string (numbers are refused);
+whole numbers in full (YAML reads 1000000000 as a float, which would print 1e+09). */}}
+{{- define "eft-serve.rayStartParams" -}}
+{{- range $key, $value := . }}
+{{- if and (kindIs "float64" $value) (eq (float64 (int64 $value)) $value) }}
+{{ $key }}: {{ int64 $value | toString | quote }}
+{{- else }}
+{{ $key }}: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}
