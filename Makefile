@@ -5,13 +5,19 @@
 # Variables (override on the command line, e.g. `make test TORCH=torch==2.5.1+cu124`):
 #   PYTHON       interpreter that creates .venv (Python >= 3.11)
 #   TORCH        pip spec of torch installed into a venv that has none (default: the CPU build)
+#   TORCH_INDEX  pip index torch comes from ('' for pip's own; the Dockerfile passes PyTorch's CPU or CUDA index)
 #   CONSTRAINTS  pip constraints file pinning the tested dependency versions ('' for none)
+#   EXTRAS       the project's extras to install (default dev: tp, plot, stubs, test; the image: tp,plot)
+#   EDITABLE     -e for an editable install of this checkout (default); empty installs a built wheel
 #   PYTEST_ARGS  extra pytest arguments, e.g. PYTEST_ARGS='-k speculative -x'
 #   ARGS         extra arguments of bench/serving.py or bench/load.py, e.g. ARGS='--quick' or ARGS='--device cuda'
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= dev
+EDITABLE ?= -e
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
 ARGS ?=
@@ -72,11 +78,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install $(PIP_FLAGS) --upgrade pip
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install $(PIP_FLAGS) '$(TORCH)'
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install $(PIP_FLAGS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(VENV)/.torch
-	$(BIN)/pip install $(PIP_FLAGS) $(CONSTRAINT_FLAG) -e '.[test]'
+	$(BIN)/pip install $(PIP_FLAGS) $(CONSTRAINT_FLAG) $(EDITABLE) '.[$(EXTRAS)]'
 	@touch $@
 
 $(STUBS_STAMP): $(PROTOS) proto/generate.py $(VENV)/.installed

@@ -4,7 +4,10 @@ from pathlib import Path
 
 
 def plot_results(results: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit("eft eval --plot needs matplotlib: pip install 'eft-serve[plot]'") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -48,7 +48,7 @@ def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(master_port),
     )
-    import deepspeed
+    deepspeed = _deepspeed()
 
     on_gpu = device.startswith("cuda")
     if not on_gpu:
@@ -58,6 +58,15 @@ def init_rank(rank: int, world_size: int, master_port: int, device: str) -> str:
     # default is 10 minutes). A dead rank 0 is still noticed at once: its sockets close.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=IDLE_TIMEOUT)
     return f"cuda:{rank}" if on_gpu else "cpu"
+
+
+def _deepspeed():
+    """DeepSpeed, an extra (only tensor parallelism needs it): its absence is named, with the fix."""
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise RuntimeError("tensor parallelism (tp > 1) needs DeepSpeed: pip install 'eft-serve[tp]'") from error
+    return deepspeed
 
 
 def _without_shm_all_reduce(deepspeed) -> None:
@@ -101,7 +110,7 @@ def _load_shard(path: str, tp: int, dtype: torch.dtype, device: str) -> torch.nn
     read). Checkpoints without safetensors files, or whose tensor names are not the model's
     (transformers converts those as it loads), load whole first: every rank holds the full
     model for a moment."""
-    import deepspeed
+    deepspeed = _deepspeed()
 
     files = SafetensorsFiles.of(Path(path))
     if files is None:
@@ -127,7 +136,7 @@ def _load_shard(path: str, tp: int, dtype: torch.dtype, device: str) -> torch.nn
 
 
 def _load_whole_then_shard(path: str, tp: int, dtype: torch.dtype) -> torch.nn.Module:
-    import deepspeed
+    deepspeed = _deepspeed()
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False).module
