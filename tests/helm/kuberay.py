@@ -1,5 +1,5 @@
 """Offline checks of rendered resources against the custom resources' own schemas, as the
-Kubernetes API server applies them (../shared/kuberay/README.md): structural schemas, where
+Kubernetes API server applies them (tests/helm/schemas/README.md): structural schemas, where
 an unknown field is pruned without a word. Here it is an error, so a chart that sets a field
 its operator does not know (or no longer knows) fails its test instead of silently losing it."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jsonschema
 
-SCHEMAS = Path(__file__).parents[2].parent / "shared" / "kuberay"
+SCHEMAS = Path(__file__).parent / "schemas"
 RAYSERVICE_SCHEMAS = {"v1.5.1": "rayservice-v1.5.1-schema.min.json", "v1.7.0": "rayservice-v1.7.0-schema.min.json"}
 SERVICEMONITOR_SCHEMA = "servicemonitor-v1-schema.min.json"
 

@@ -1,8 +1,6 @@
 """DeepSpeed AutoTP over two CPU processes (gloo) gives the logits of one process, and each
-rank loads only its shard.
-
-The first run on a machine compiles DeepSpeed's shared-memory op (about a minute, cached in
-~/.cache/torch_extensions)."""
+rank loads only its shard. Nothing is compiled: the CPU ranks all-reduce through gloo
+(services/worker/tensor_parallel.py, _without_shm_all_reduce)."""
 
 import json
 import os
