@@ -19,6 +19,7 @@ from tests.helm.kuberay import RAYSERVICE_SCHEMAS, SERVICEMONITOR_SCHEMA, errors
 
 CHART = Path(__file__).parents[2] / "helm" / "eft-serve"
 MULTI_GPU = yaml.safe_load((CHART / "examples" / "multi-gpu.yaml").read_text())
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 KUBERNETES = "1.32.0"
 
 
@@ -26,8 +27,19 @@ VARIANTS = {  # values that take different template paths
     "default": {},
     "multi-gpu": MULTI_GPU,
     "tls-only": {"tls": {"enabled": True, "secretName": "eft-tls"}},
-    "autoscaling": {"enableInTreeAutoscaling": True, "rayAuth": {"mode": "disabled"}, "networkPolicy": {"enabled": False}},
-    "numeric-start-params": {"head": {"rayStartParams": {"object-store-memory": 1000000000, "num-gpus": 0}}, "rayWorkerGroups": [{**yaml.safe_load((CHART / "values.yaml").read_text())["rayWorkerGroups"][0], "rayStartParams": {"object-store-memory": 2000000000}}]},
+    "autoscaling": {  # KubeRay adds pods for the replicas Serve's autoscaler asks (by sessions) and cannot place
+        "enableInTreeAutoscaling": True,
+        "serve": {**VALUES["serve"], "worker_groups": [VALUES["serve"]["worker_groups"][0], {**VALUES["serve"]["worker_groups"][1], "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64}, "drain_timeout_s": 600}]},
+        "rayWorkerGroups": [{**VALUES["rayWorkerGroups"][0], "minReplicas": 1, "maxReplicas": 4}],
+        "rayAuth": {"mode": "disabled"},
+        "networkPolicy": {"enabled": False},
+    },
+    "gateways": {
+        "serve": {**VALUES["serve"], "gateway_replicas": 3},
+        "rayWorkerGroups": [*VALUES["rayWorkerGroups"], {**VALUES["rayWorkerGroups"][0], "name": "gateways", "replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gateway": True, "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}}],
+        "tls": {"enabled": True, "secretName": "eft-tls"},
+    },
+    "numeric-start-params": {"head": {"rayStartParams": {"object-store-memory": 1000000000, "num-gpus": 0}}, "rayWorkerGroups": [{**VALUES["rayWorkerGroups"][0], "rayStartParams": {"object-store-memory": 2000000000}}]},
 }
 
 
@@ -257,7 +269,7 @@ def test_multi_gpu_values_ask_for_gpus_and_tensor_parallelism():
     assert {"tls", "auth", "models"} <= volumes
 
 
-@pytest.mark.parametrize("values", [{}, MULTI_GPU], ids=["default", "multi-gpu"])
+@pytest.mark.parametrize("values", [{}, MULTI_GPU, VARIANTS["autoscaling"]], ids=["default", "multi-gpu", "autoscaling"])
 def test_the_serve_config_validates_with_our_config_model(values):
     (rayservice,) = by_kind(render(values), "RayService")
     serve, config = serve_config(rayservice)
@@ -275,12 +287,12 @@ def test_a_typo_in_the_serve_values_is_refused_by_the_config_model():
         serve_config(rayservice)
 
 
-def test_services_select_the_head_and_the_ray_dashboard_stays_private():
+def test_services_select_the_gateways_and_the_ray_dashboard_stays_private():
     docs = render({})
     services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
     assert set(services) == {"eft-eft-serve-grpc", "eft-eft-serve-http", "eft-eft-serve-metrics"}
     for service in services.values():
-        assert service["spec"]["selector"]["eft-serve/role"] == "head"
+        assert service["spec"]["selector"]["eft-serve/gateway"] == "true"
         assert all(p["port"] not in (8265, 6379, 10001, 52365) for p in service["spec"]["ports"])
     assert services["eft-eft-serve-grpc"]["spec"]["ports"][0]["appProtocol"] == "grpc"
     exposed = render({"rayDashboard": {"expose": True}})
@@ -301,3 +313,26 @@ def test_servicemonitor_and_dashboard():
 def test_tls_without_a_secret_fails_to_render():
     with pytest.raises(helm_python.HelmError, match="tls.enabled needs tls.secretName"):
         render({"tls": {"enabled": True}})
+
+
+def test_more_gateways_run_on_gateway_pods_behind_the_same_services():
+    """serve.gateway_replicas > 1: each pod of a gateway: true group offers one eft-gateway and
+    serves the public ports; its readiness is the gateway's /-/healthz (KubeRay labels worker
+    pods ray.io/serve=true, so readiness alone gates their traffic); the Services select every
+    gateway pod. More gateways than pods offering eft-gateway refuse to render."""
+    docs = render(VARIANTS["gateways"])
+    (rayservice,) = by_kind(docs, "RayService")
+    _, config = serve_config(rayservice)
+    assert config.gateway_replicas == 3
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    gateway, models = groups["gateways"], groups["workers"]
+    assert gateway["rayStartParams"]["resources"] == '"{\\"eft-gateway\\": 1}"' and "resources" not in models["rayStartParams"]
+    pod = gateway["template"]
+    container = pod["spec"]["containers"][0]
+    assert pod["metadata"]["labels"]["eft-serve/gateway"] == "true" and "eft-serve/gateway" not in models["template"]["metadata"]["labels"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": 9464}  # TLS on: the plaintext scrape port
+    assert {p["name"] for p in container["ports"]} == {"serve", "serve-grpc", "eft-http"} and {m["name"] for m in container["volumeMounts"]} >= {"tls"}
+    selectors = [d["spec"]["selector"] for d in by_kind(docs, "Service") if not d["metadata"]["name"].endswith("dashboard")]
+    assert all(sel["eft-serve/gateway"] == "true" and "eft-serve/role" not in sel for sel in selectors)
+    with pytest.raises(helm_python.HelmError, match="serve.gateway_replicas 2 needs as many pods offering eft-gateway: .* at most 1"):
+        render({"serve": {**VALUES["serve"], "gateway_replicas": 2}})

@@ -19,11 +19,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
-{{/* Selects the head pod, which serves the public ports. */}}
+{{/* Selects the head pod (the Ray dashboard's Service). */}}
 {{- define "eft-serve.headSelector" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 eft-serve/role: head
+{{- end -}}
+
+{{/* Selects the pods that host a gateway: the head and the gateway worker groups' pods. */}}
+{{- define "eft-serve.gatewaySelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+eft-serve/gateway: "true"
 {{- end -}}
 
 {{/* The application's config: values.serve plus the ports, the pod bind address, TLS/auth
@@ -86,5 +93,38 @@ whole numbers in full (YAML reads 1000000000 as a float, which would print 1e+09
 {{- else }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A gateway's container ports: the public ones, named as KubeRay looks for them. */}}
+{{- define "eft-serve.gatewayPorts" -}}
+- {name: serve-grpc, containerPort: {{ .Values.ports.grpc }}}
+{{- if .Values.tls.enabled }}
+- {name: eft-http, containerPort: {{ .Values.ports.http }}}
+- {name: serve, containerPort: {{ .Values.ports.metrics }}}  # plaintext /-/healthz: KubeRay's check speaks no TLS
+{{- else }}
+- {name: serve, containerPort: {{ .Values.ports.http }}}
+- {name: eft-metrics, containerPort: {{ .Values.ports.metrics }}}
+{{- end }}
+{{- end -}}
+
+{{/* A gateway's TLS and token files. */}}
+{{- define "eft-serve.gatewayMounts" -}}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: /etc/eft/tls, readOnly: true}
+{{- end }}
+{{- if .Values.auth.enabled }}
+- {name: auth, mountPath: /etc/eft/auth, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "eft-serve.gatewayVolumes" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret: {secretName: {{ .Values.tls.secretName }}}
+{{- end }}
+{{- if .Values.auth.enabled }}
+- name: auth
+  secret: {secretName: {{ .Values.auth.secretName }}}
 {{- end }}
 {{- end -}}
