@@ -10,6 +10,7 @@
 from ray import serve
 from ray.serve import Application
 
+from cluster.autoscaling import serve_autoscaling_config
 from cluster.config import ServeConfig
 from cluster.replicas import GatewayReplica, WorkerReplica
 
@@ -23,23 +24,26 @@ WORKER_HEALTH_CHECK_PERIOD_S, WORKER_HEALTH_CHECK_TIMEOUT_S = 5.0, 10.0
 # 4 KiB page by page (47k faults per 195 MB). PyTorch's THP_MEM_ALLOC_ENABLE aligns large
 # CPU blocks to 2 MiB and asks for transparent huge pages: about 470 faults.
 COORDINATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+DRAIN_MARGIN_S = 15.0  # Serve kills a stopping replica this long after its drain deadline at the latest
 
 
 def build_app(config: ServeConfig | dict) -> Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
     workers = {}
     for group in config.worker_groups:
+        scaling = {"autoscaling_config": serve_autoscaling_config(group.autoscaling)} if group.autoscaling else {"num_replicas": group.replicas or 1}
         deployment = serve.deployment(
             WorkerReplica,
             name=f"worker-{group.name}",
-            num_replicas=group.replicas,
-            ray_actor_options={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus},
+            **scaling,
+            ray_actor_options={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus, "resources": dict(group.resources)},
             health_check_period_s=WORKER_HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=WORKER_HEALTH_CHECK_TIMEOUT_S,
+            graceful_shutdown_timeout_s=group.drain_timeout_s + DRAIN_MARGIN_S,  # the drain's own deadline comes first
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})
     gateway_options = {"num_cpus": config.gateway_num_cpus, "num_gpus": config.gateway_num_gpus, "resources": dict(config.gateway_resources), "runtime_env": {"env_vars": COORDINATOR_ENV}}
-    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=1, ray_actor_options=gateway_options)
+    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=config.gateway_replicas, ray_actor_options=gateway_options)
     return gateway.bind(config.model_dump(), workers)
 
 

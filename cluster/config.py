@@ -5,7 +5,7 @@ naming both models, and a chat template that does not render; the gateway replic
 same check when it starts."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -48,9 +48,10 @@ class ModelConfig(_Strict):
 class WorkerGroupConfig(_Strict):
     name: str = Field(description="deployment name of this worker group")
     models: list[str] = Field(min_length=1, description="models this worker hosts (a base alone, or a tuned/reference pair)")
-    replicas: int = Field(1, ge=1, description="replicas of this group; each request stays on one replica, placed on the least loaded")
+    replicas: int | None = Field(None, ge=1, description="replicas of this group (1 unless autoscaling); each request stays on one replica, placed on the least loaded")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine; tp for a tensor-parallel group)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica: pins the group to the nodes (pods) that offer them, e.g. {\"a100\": 1}")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: Ray's OMP_NUM_THREADS, from num_cpus); more threads than cores slow every worker on the node")
     tp: int = Field(1, ge=1, description="tensor-parallel ranks (DeepSpeed AutoTP, one process each) for a group of one model")
     max_sessions: int = Field(WorkerLimits.max_sessions, ge=1, description="(session, model) caches held at once")
@@ -58,6 +59,29 @@ class WorkerGroupConfig(_Strict):
     max_forward_tokens: int = Field(WorkerLimits.max_forward_tokens, ge=1, description="positions one forward computes (rows x widest new tokens, padding included); a longer prefill is fed in chunks, bounding a call's activation memory")
     session_idle_timeout_s: float = Field(120.0, gt=0, description="free sessions no call has used this long (a coordinator that restarted never releases its requests' caches); running requests use theirs every step")
     stall_timeout_s: float = Field(60.0, gt=0, description="a replica whose running call has held it this long fails Ray Serve's health check, which replaces it (a hung GPU or collective)")
+    autoscaling: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, upscale_delay_s, downscale_delay_s, ...), driven by the sessions the replicas hold: target_ongoing_requests is sessions per replica; replaces replicas")
+    drain_timeout_s: float = Field(300.0, gt=0, description="a replica being removed (downscaling, a redeploy) takes no new requests and leaves once its sessions are gone, or after this long")
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _serve_accepts(cls, autoscaling: dict[str, Any] | None) -> dict[str, Any] | None:
+        if autoscaling is None:
+            return None
+        from ray.serve.config import AutoscalingConfig
+
+        if "policy" in autoscaling:
+            raise ValueError("policy: the group's autoscaling policy is the sessions policy (cluster/autoscaling.py)")
+        unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown Ray Serve autoscaling_config keys {unknown}")
+        AutoscalingConfig.model_validate(autoscaling)  # Serve's own checks (bounds, delays)
+        return autoscaling
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "WorkerGroupConfig":
+        if self.autoscaling is not None and self.replicas is not None:
+            raise ValueError("replicas: set either replicas or autoscaling (its min_replicas and max_replicas)")
+        return self
 
     def limits(self) -> WorkerLimits:
         return WorkerLimits(self.max_sessions, self.max_cached_tokens, self.max_forward_tokens)
@@ -114,7 +138,8 @@ class ServeConfig(_Strict):
         CallPolicy.timeout_s, gt=0, description="deadline of a coordinator-to-worker call (plus the prefill allowance); a replica that misses it fails its requests with UNAVAILABLE and leaves placement until it answers probes"
     )
     worker_prefill_tokens_per_s: float = Field(CallPolicy.prefill_tokens_per_s, gt=0, description="the slowest prefill a healthy worker keeps up: a call sending N tokens gets worker_call_timeout_s + N / this")
-    gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for the gateway/coordinator replica")
+    gateway_replicas: int = Field(1, ge=1, description="gateway/coordinator replicas serving the public API; each places its requests by the workers' own reported load. Replicas on one node share the public ports (SO_REUSEPORT: the kernel spreads connections); on Kubernetes each gateway pod serves them behind the chart's Services")
+    gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for each gateway/coordinator replica")
     gateway_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the gateway/coordinator replica (for decide_device cuda)")
     decide_device: Literal["cpu", "cuda"] = Field("cpu", description="where the coordinator combines, filters, samples and accepts: cuda moves each iteration's logits to the gateway replica's GPU (needs gateway_num_gpus > 0)")
     gateway_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the gateway replica needs (the Helm chart pins it to the head pod, whose Services expose the public ports)")

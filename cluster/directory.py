@@ -4,18 +4,24 @@ seconds. New replicas (scale-up, or Ray Serve replacing a dead one) join the eng
 placement; replicas Ray Serve no longer runs leave it. A replica that does not answer the
 broadcast (frozen, or dying) keeps its place in the list meanwhile: the engine's outlier
 ejection keeps it out of placement, and the others' answers still count.
+
+Every LOAD_REPORT_S the directory also asks each known replica how many sessions it holds
+(its Info), for every coordinator together, and tells the engine, which places requests by
+that load (services/coordinator/load.py): gateways running side by side balance the
+workers between them, not each on its own counts.
 """
 
 import asyncio
 import logging
 
 from services.coordinator.engine import Engine
-from services.worker.client import GrpcWorkerClient
+from services.worker.client import GrpcWorkerClient, info_or_none
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 2.0  # how often the replica sets are asked again
 ASK_TIMEOUT_S = 10.0  # a replica slower than this to say its address is left out this round
+LOAD_REPORT_S = 1.0  # how often each replica is asked for its load (a short Info call)
 
 
 class WorkerDirectory:
@@ -23,14 +29,15 @@ class WorkerDirectory:
         """``groups``: each worker group's models; ``handles``: its deployment handle."""
         self.engine, self.groups, self.handles = engine, groups, handles
         self.clients: dict[str, dict[str, GrpcWorkerClient]] = {group: {} for group in groups}  # group -> address -> client
-        self.task: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         """Wait until every group has a running replica, learn them all, then keep refreshing."""
         for handle in self.handles.values():
             await handle.address.remote()  # returns once one replica of the group is running
         await self.refresh()
-        self.task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._refresh_forever()), loop.create_task(self._report_loads_forever())]
 
     def labelled_clients(self) -> dict[str, GrpcWorkerClient]:
         """Every known replica's client, labelled ``group@address`` (for metrics)."""
@@ -77,6 +84,23 @@ class WorkerDirectory:
                 await self.refresh()
             except Exception:  # never let the refresher die silently
                 log.exception("refreshing the worker directory failed")
+
+    async def report_loads(self) -> None:
+        """Each known replica's sessions, as it reports them, to the engine; one that does not
+        answer within LOAD_REPORT_S keeps its last report (ejection handles a dead one)."""
+        clients = [client for group in self.clients.values() for client in group.values()]
+        infos = await asyncio.gather(*(asyncio.to_thread(info_or_none, client, LOAD_REPORT_S) for client in clients))
+        for client, info in zip(clients, infos):
+            if info is not None:
+                self.engine.report_load(client, info.sessions)
+
+    async def _report_loads_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_REPORT_S)
+            try:
+                await self.report_loads()
+            except Exception:
+                log.exception("reporting the workers' load failed")
 
 
 async def _answers_within(response, timeout: float) -> tuple[list, int]:

@@ -21,6 +21,10 @@ class LocalDeployment:
         """The replicas the coordinator knows, per worker group."""
         return self.handle.worker_addresses.remote().result()
 
+    def gateway_requests(self) -> list[dict[str, float]]:
+        """Each gateway replica's answered requests by final status code."""
+        return self.handle.broadcast("requests_by_code").results()
+
     def process_ids(self) -> dict[str, list[int]]:
         """Every process of the application by deployment (gateway, worker-<group>): each
         replica's, tensor-parallel followers included."""

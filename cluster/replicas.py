@@ -11,10 +11,13 @@ cluster/app.py turns them into deployments).
 
 import logging
 import os
+import time
 
 import torch
 
+from cluster.autoscaling import SESSIONS_METRIC
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig, load_tokenizers
+from cluster.directory import REFRESH_S as DIRECTORY_REFRESH_S
 from cluster.directory import WorkerDirectory
 from services.coordinator.engine import Engine, ReplicaPool
 from services.coordinator.scheduler import Scheduler
@@ -31,6 +34,9 @@ from services.worker.tensor_parallel import start_tensor_parallel_worker
 from services.worker.worker import ModelWorker, load_hosted_model, start_idle_reaper
 
 log = logging.getLogger(__name__)
+# A draining replica frees sessions unused this long: running requests use theirs every
+# iteration, and a coordinator waiting out a stalled worker call does so for less.
+ABANDONED_WHILE_DRAINING_S = 30.0
 
 
 def node_address() -> str:
@@ -53,10 +59,12 @@ class WorkerReplica:
             hosted = [load_hosted_model(name, m.path, DTYPE_NAMES[m.dtype], _replica_device(m.device)) for name, m in configs.items()]
             self.worker = ModelWorker(hosted, group.limits())
         start_idle_reaper(self.worker, group.session_idle_timeout_s)  # a daemon thread: it ends with the replica's process
-        self.stall_timeout_s = group.stall_timeout_s
+        self.stall_timeout_s, self.drain_timeout_s = group.stall_timeout_s, group.drain_timeout_s
+        self.abandoned_after_s = min(group.session_idle_timeout_s, ABANDONED_WHILE_DRAINING_S)
         host = node_address()
         self.server, port = create_worker_server(self.worker, f"{host}:0")
         self.address_ = f"{host}:{port}"
+        self.drained = False
         log.info("worker group %r serving %s on %s", group.name, group.models, self.address_)
 
     def address(self) -> str:
@@ -80,9 +88,33 @@ class WorkerReplica:
         """Which processes serve which address (operators, and tests that stop one)."""
         return {"address": self.address_, "pids": self.pids()}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Ray Serve's autoscaler sees of this replica (cluster/autoscaling.py)."""
+        return {SESSIONS_METRIC: float(self.worker.info().sessions)}
+
     def __del__(self):
-        if self.followers:
+        """Ray Serve is removing this replica: drain, then stop its followers. Once: Serve
+        calls this, and the collector may again; no drain for a constructor that failed."""
+        if not getattr(self, "drained", True):
+            self.drained = True
+            self._drain()
+        followers, self.followers = getattr(self, "followers", []), []
+        if followers:
             self.worker.stop_followers()
+
+    def _drain(self) -> None:
+        """Serve no longer lists this replica, so coordinators stop placing on it within their
+        directory's refresh (waited out first: a placement already on its way still lands
+        here and is served); the requests running here finish, up to drain_timeout_s.
+        Sessions nobody has used for a while are freed as it waits: their coordinator is gone
+        (the whole application is stopping, say)."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        time.sleep(min(DIRECTORY_REFRESH_S * 2, self.drain_timeout_s))
+        while self.worker.info().sessions and time.monotonic() < deadline:
+            self.worker.release_idle(self.abandoned_after_s)
+            time.sleep(0.2)
+        if held := self.worker.info().sessions:
+            log.warning("worker replica %s leaves with %d sessions after its %.0f s drain", self.address_, held, self.drain_timeout_s)
 
 
 def _decide_device(device: str) -> str:
@@ -110,6 +142,7 @@ class GatewayReplica:
         self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
         gateway = Gateway(compositions, tokenizers, contexts, self.scheduler, config.default_composition, gateway_limits, metrics)
+        self.metrics = metrics
         metrics.add_state(scheduler_state(self.scheduler))
         metrics.add_state(worker_state(self.directory.labelled_clients, engine.health.is_ejected))
         tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
@@ -135,6 +168,10 @@ class GatewayReplica:
     def pids(self) -> list[int]:
         """This replica's process."""
         return [os.getpid()]
+
+    def requests_by_code(self) -> dict[str, float]:
+        """Requests this gateway answered, by final status code (which gateways serve)."""
+        return {s.labels["code"]: s.value for family in self.metrics.requests.collect() for s in family.samples if s.name.endswith("_total")}
 
     def check_health(self) -> None:
         """Ray Serve restarts this replica when its scheduler loop died; workers out of

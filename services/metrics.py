@@ -99,9 +99,13 @@ class ServingMetrics:
         port. ``routes``: plain-text answers (status, text) on other paths of this port, which
         has no TLS: KubeRay's health check reaches the gateway here when the public ports
         have TLS on."""
-        server = make_server(host, port, _routed(make_wsgi_app(self.registry), routes or {}), ThreadingWSGIServer, handler_class=_QuietHandler)
+        server = make_server(host, port, _routed(make_wsgi_app(self.registry), routes or {}), _SharedPortServer, handler_class=_QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server, server.server_port
+
+
+class _SharedPortServer(ThreadingWSGIServer):
+    allow_reuse_port = True  # gateway replicas on one node share the scrape port too (each scrape reaches one)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -33,7 +33,7 @@ small model that drafts).
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import accumulate
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -49,6 +49,7 @@ from eft_core.draft_length import DraftLengthTuner
 from eft_core.sampling import sampling_probs, seeded_generator, stream_seed
 from eft_core.speculative import DraftProbs, accept_greedy_ragged, accept_ragged
 from services.coordinator.health import CallPolicy, ReplicaHealth
+from services.coordinator.load import ReplicaLoad
 from services.coordinator.ledger import DRAFT, CacheLedger
 from services.worker.api import DraftItem, Drafted, DraftQ, Extended, ExtendItem
 from services.worker.client import WorkerClient
@@ -109,6 +110,12 @@ class ReplicaPool:
     replicas: tuple[WorkerClient, ...] = ()
 
 
+def _models_on(placement: Mapping[str, WorkerClient]) -> Counter:
+    """How many of a request's models each replica of its placement hosts: the sessions it
+    holds there (drafts aside)."""
+    return Counter(placement.values())
+
+
 def pools_of(placement: Mapping[str, WorkerClient]) -> dict[str, ReplicaPool]:
     """A fixed placement (each model -> the one worker hosting it) as pools of one replica,
     one per worker, named ``worker-<i>`` in order of first appearance."""
@@ -157,7 +164,7 @@ class Engine:
         self.releaser = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-release")
         self.releasing: set[Future] = set()  # releases in flight
         self.releasing_lock = threading.Lock()
-        self.load: dict[WorkerClient, int] = defaultdict(int)  # requests placed on each replica
+        self.load = ReplicaLoad()  # sessions on each replica: this coordinator's, and the replicas' own reports
         self.placements, self.last_placed = 0, {}  # placements so far; the number of each replica's latest
         self.tuner = DraftLengthTuner(choices=DRAFT_CHOICES)
         self.phase_seconds: dict[str, float] = {}  # the latest iteration's draft, score and decide phases
@@ -220,11 +227,9 @@ class Engine:
                 earlier += [r.released] if r.released is not None else []
                 continue
             releasing.append(r)
-            for client in dict.fromkeys(r.placement.values()):
+            for client, models in _models_on(r.placement).items():
                 by_client[client] += [r.id, r.id + DRAFT]
-                self.load[client] -= 1
-                if self.load[client] <= 0:
-                    del self.load[client]
+                self.load.released(client, models)
             r.placement = {}
             r.cache.released()
         sent = [self.releaser.submit(self._release_on, c, ids) for c, ids in by_client.items() if not self.health.defer_release(c, ids)]
@@ -260,6 +265,11 @@ class Engine:
         pools[group] = replace(pools[group], replicas=tuple(clients))
         self.pools = pools
         self.health.forget(gone)
+        self.load.forget(gone)
+
+    def report_load(self, client: WorkerClient, sessions: int) -> None:
+        """The replica holds ``sessions`` now, over every coordinator (its Info)."""
+        self.load.report(client, sessions)
 
     def servable(self, composition: Composition) -> bool:
         """Whether every worker group the composition needs has a replica in placement."""
@@ -272,8 +282,9 @@ class Engine:
 
     def _place(self, r: EngineRequest) -> None:
         """One replica per worker group for the request's models: the least loaded of those
-        in placement, the least recently chosen among equals (a replica on probation takes one
-        request at a time). A group with none fails the request with UNAVAILABLE."""
+        in placement (sessions, every coordinator's: ReplicaLoad), the least recently chosen
+        among equals (a replica on probation takes one request at a time). A group with none
+        fails the request with UNAVAILABLE."""
         pools, chosen = self.pools, {}
         for model in r.composition.models:
             group = self.pool_of[model]
@@ -283,16 +294,16 @@ class Engine:
                     r.placement.clear()
                     r.error, r.finish_reason = UnavailableError(_no_replica(model, group, pools[group], self.health)), "error"
                     return
-                chosen[group] = min(live, key=lambda client: (self.load.get(client, 0), self.last_placed.get(client, -1)))
+                chosen[group] = min(live, key=lambda client: (self.load.of(client), self.last_placed.get(client, -1)))
             r.placement[model] = chosen[group]
-        for client in dict.fromkeys(r.placement.values()):
-            self.load[client] += 1
+        for client, models in _models_on(r.placement).items():
+            self.load.placed(client, models)
             self.last_placed[client] = self.placements = self.placements + 1
 
     def _placeable(self, client: WorkerClient) -> bool:
         if self.health.is_ejected(client) is not None:
             return False
-        return not (self.health.on_probation(client) and self.load.get(client, 0) > 0)
+        return not (self.health.on_probation(client) and self.load.holds_mine(client))
 
     # --- the phases ----------------------------------------------------------------------
 

@@ -380,6 +380,7 @@ def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, 
     and the bound port."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # gateway replicas on one node share the port, as gRPC's does
     sock.bind((host, port))
     cert, key = tls_files or (None, None)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, ssl_certfile=cert, ssl_keyfile=key))

@@ -35,6 +35,11 @@ def test_the_demo_config_round_trips_through_yaml(quick_family, tmp_path):
         (lambda d: d["models"]["small-tuned"].update(chat_template="{% for m in messages %}"), "models.small-tuned.chat_template"),
         (lambda d: d.update(decide_device="cuda"), "decide_device: cuda needs a GPU for the gateway replica: set gateway_num_gpus > 0"),
         (lambda d: d.update(decide_device="gpu"), "decide_device"),
+        (lambda d: d["worker_groups"][1].update(autoscaling={"min_replicas": 1, "max_replica": 2}), "worker_groups.1.autoscaling\n  Value error, unknown Ray Serve autoscaling_config keys ['max_replica']"),
+        (lambda d: d["worker_groups"][1].update(autoscaling={"min_replicas": 3, "max_replicas": 2}), "worker_groups.1.autoscaling\n  Value error, max_replicas .2. must be greater than or equal to min_replicas"),
+        (lambda d: d["worker_groups"][1].update(replicas=2, autoscaling={"max_replicas": 2}), "replicas: set either replicas or autoscaling"),
+        (lambda d: d["worker_groups"][1].update(autoscaling={"max_replicas": 2, "policy": {"policy_function": "x:y"}}), "policy: the group's autoscaling policy is the sessions policy"),
+        (lambda d: d.update(gateway_replicas=0), "gateway_replicas"),
     ],
 )
 def test_bad_configs_fail_at_load_with_a_precise_message(quick_family, edit, message):

@@ -5,6 +5,7 @@ import pytest
 from eft_core import SamplingParams
 from eft_core.draft_length import DraftLengthTuner
 from services.coordinator.engine import Engine, ReplicaPool, pools_of
+from services.coordinator.load import ReplicaLoad
 from tests.services.coordinator.helpers import make_request, questions, run
 
 
@@ -86,9 +87,9 @@ def test_every_cache_plus_its_unsent_tokens_is_the_whole_sequence(workers, oracl
     assert checked > 20
 
 
-def test_requests_spread_over_replicas_and_stay_on_theirs(quick_family, oracle, tokenizers):
-    """Two replicas of the pair group: requests are placed on the least loaded one and every
-    step of a request goes to the replica that holds its caches."""
+@pytest.fixture(scope="module")
+def two_pair_replicas(quick_family):
+    """The base worker and two replicas of the pair group, in process: (base, pairs, pools)."""
     from services.worker.client import InProcessWorkerClient
     from services.worker.worker import ModelWorker, load_hosted_model
 
@@ -96,9 +97,15 @@ def test_requests_spread_over_replicas_and_stay_on_theirs(quick_family, oracle, 
         return ModelWorker([load_hosted_model(n, quick_family.model_path(n)) for n in names])
 
     base, pairs = load(["large-base", "large-tuned"]), [load(["small-base", "small-tuned", "small-safe"]) for _ in range(2)]
-    pair_clients = [InProcessWorkerClient(p) for p in pairs]
     placement = {"large-base": InProcessWorkerClient(base), "large-tuned": InProcessWorkerClient(base)}
-    pools = pools_of(placement) | {"pair": ReplicaPool(("small-base", "small-tuned", "small-safe"), tuple(pair_clients))}
+    pools = pools_of(placement) | {"pair": ReplicaPool(("small-base", "small-tuned", "small-safe"), tuple(InProcessWorkerClient(p) for p in pairs))}
+    return base, pairs, pools
+
+
+def test_requests_spread_over_replicas_and_stay_on_theirs(two_pair_replicas, quick_family, oracle, tokenizers):
+    """Two replicas of the pair group: requests are placed on the least loaded one and every
+    step of a request goes to the replica that holds its caches."""
+    base, pairs, pools = two_pair_replicas
     engine = Engine(pools, oracle.vocab_sizes)
     params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
     asked = questions(quick_family)
@@ -109,6 +116,52 @@ def test_requests_spread_over_replicas_and_stay_on_theirs(quick_family, oracle, 
     for r, messages in zip(requests, asked):
         assert r.tokens == oracle.generate("mixed", messages, params).generation.tokens
     assert [p.info().sessions for p in pairs] == [0, 0] and base.info().sessions == 0
+
+
+def test_coordinators_side_by_side_place_by_what_the_replicas_report(two_pair_replicas, quick_family, oracle, tokenizers):
+    """Two engines (two gateways) over the same replicas: each sees the other's sessions only
+    through the replicas' reports (the directory's Info polling); with them the second
+    request goes to the idle replica, on its own counts alone it would join the first."""
+    _, pairs, pools = two_pair_replicas
+    clients = pools["pair"].replicas
+    first, second, blind = (Engine(pools, oracle.vocab_sizes) for _ in range(3))
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    asked = questions(quick_family)
+    held = make_request(0, "mixed", asked[0], tokenizers, params, draft_k=2)
+    first.step([held])
+    assert [p.info().sessions for p in pairs] == [4, 0]
+    for client in clients:
+        second.report_load(client, client.info().sessions)
+    placed = make_request(1, "mixed", asked[1], tokenizers, params, draft_k=2)
+    second.step([placed])
+    assert placed.placement["small-tuned"] is clients[1] and [p.info().sessions for p in pairs] == [4, 4]
+    unaware = make_request(2, "mixed", asked[2], tokenizers, params)
+    blind.step([unaware])  # no report: its own (empty) counts, the first replica
+    assert unaware.placement["small-tuned"] is clients[0]
+    for engine, requests in ((first, [held]), (second, [placed]), (blind, [unaware])):
+        run(engine, requests)
+        engine.wait_released()
+    assert held.tokens == oracle.generate("mixed", asked[0], params).generation.tokens
+    assert [p.info().sessions for p in pairs] == [0, 0]
+
+
+def test_replica_load_is_the_last_report_moved_by_ones_own_changes_since():
+    load = ReplicaLoad()
+    load.placed("a", 3)
+    assert load.of("a") == 3 and load.of("b") == 0
+    load.report("a", 10)  # 7 of them another coordinator's
+    load.placed("a", 2)
+    load.released("a", 3)
+    assert load.of("a") == 9 and load.holds_mine("a")
+    load.report("b", 0)
+    load.placed("b", 4)
+    assert load.of("b") == 4
+    load.released("a", 2)
+    load.report("a", 0)  # a report older than a placement never hides this coordinator's own sessions
+    load.placed("a", 1)
+    assert load.of("a") == 1
+    load.forget(["a"])
+    assert load.of("a") == 1 and load.holds_mine("b")
 
 
 def test_replica_changes_apply_to_new_requests_and_an_empty_group_is_unavailable(workers, oracle, tokenizers, quick_family):

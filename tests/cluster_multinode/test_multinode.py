@@ -1,0 +1,293 @@
+"""Two Ray nodes on this machine (`ray start` processes on 127.0.0.1, each with its own custom
+resources) serving one application with two gateway/coordinator replicas, one per node, and
+the pair group autoscaled between 1 and 2 replicas, at most one per node (a custom resource
+each node offers once). Requests reach both gateways through the shared public port and are
+placed by the workers' reported load; the pair group scales out under load and back, its
+removed replica draining, with no failed request; then the second node stops as a lost pod
+would (every process of it killed): its requests end UNAVAILABLE, the others finish with
+their full output, and the first node's replicas take new requests. Its own package: one
+Ray cluster at a time, and tests/cluster's is stopped by the time this runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import yaml
+
+from cluster.config import demo_config
+from eft_core import SamplingParams
+from services.pb.eft.v1 import eft_pb2_grpc
+from tests.cluster.helpers import chat, free_ports, wait_for
+
+BIN = Path(sys.executable).parent
+# Ray refuses a second node on 127.0.0.1 (it resolves it to the machine's address) and in its
+# single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); other loopback addresses it takes as
+# they are, so each node gets its own, and the cluster still never leaves loopback. Ray's
+# token auth is off for it: this process's driver reads its token when Ray is first imported,
+# long before the cluster exists (tests/cluster/test_security checks the auth).
+HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+HEAD_RESOURCES = {"eft-gateway": 1, "pair-slot": 1, "head": 1}
+SECOND_RESOURCES = {"eft-gateway": 1, "pair-slot": 1}
+LONG = 200  # tokens of a stream that is still running when the node stops
+LOSS_WINDOW_S = 30.0  # calls may fail this long after a node is lost (a dead gateway's clients reconnecting), none later
+# Sessions per pair replica: a request holds 3 there (two models and the drafter's), so 16
+# clients ask for 2 replicas and 2 clients fit in 1. Short windows, for a test.
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+
+
+class Load:
+    """Clients each asking for greedy replies in a loop, every reply checked against the oracle;
+    ``stop(n)`` ends n of them (all by default). ``failures``: what went wrong (code, details,
+    when), if anything."""
+
+    def __init__(self, address: str, questions: list[str], expected: dict[str, list[int]], clients: int):
+        self.address, self.questions, self.expected = address, questions, expected
+        self.failures, self.replies, self.stops = [], 0, [threading.Event() for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self, i: int) -> None:
+        question = self.questions[i % len(self.questions)]
+        with own_connection(self.address) as channel:
+            service = eft_pb2_grpc.EFTServiceStub(channel)
+            while not self.stops[i].is_set():
+                try:
+                    tokens = [t for chunk in service.GenerateStream(chat(question, temperature=0.0, max_tokens=24), timeout=120) for t in chunk.token_ids]
+                    if tokens != self.expected[question]:
+                        self.failures.append(("wrong output", i, time.monotonic()))
+                    self.replies += 1
+                except grpc.RpcError as error:
+                    self.failures.append((error.code().name, error.details(), time.monotonic()))
+                    time.sleep(0.1)  # as a client backs off
+
+    def stop(self, n: int | None = None) -> None:
+        ending = list(range(len(self.threads)))[-(n or len(self.threads)):]
+        for i in ending:
+            self.stops[i].set()
+        for i in ending:
+            self.threads[i].join(timeout=180)
+
+
+def own_connection(address: str) -> grpc.Channel:
+    """A channel with a TCP connection of its own (gRPC shares one between a process's
+    channels to the same target): the kernel hands each connection to one of the gateways
+    listening on the shared port."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=120, env=ENV)
+
+
+class SecondNode:
+    """`ray start --address ... --block` in its own session: stop() kills it and every process
+    under it (its raylet, agents and the replicas' workers), as a deleted pod would be."""
+
+    def __init__(self, head_port: int):
+        ports = free_ports(6)
+        flags = [f"--{name}={port}" for name, port in zip(["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"], ports)]
+        command = [str(BIN / "ray"), "start", f"--address={HEAD_IP}:{head_port}", f"--node-ip-address={SECOND_IP}", "--num-cpus=1", f"--resources={json.dumps(SECOND_RESOURCES)}", "--min-worker-port=26000", "--max-worker-port=26999", "--disable-usage-stats", "--block", *flags]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+        self.node_manager_port = ports[0]
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        tree = psutil.Process(self.process.pid)
+        victims = [tree, *tree.children(recursive=True)]
+        for victim in victims:
+            try:
+                victim.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait(timeout=30)
+
+
+class Driver:
+    """The deployment, driven from its own process (driver.py): the LocalDeployment methods
+    the tests use, each one JSON line over a pipe."""
+
+    def __init__(self, head: str, config: dict, folder: Path):
+        (folder / "serve.yaml").write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "tests.cluster_multinode.driver", head, HEAD_IP, str(folder / "serve.yaml")]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd=Path(__file__).parents[2])
+        ready = self.process.stdout.readline()
+        assert ready, f"the driver exited ({self.process.wait()}) before deploying"
+        self.address = json.loads(ready)["address"]
+
+    def _ask(self, method: str):
+        self.process.stdin.write(method + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        if "error" in answer:
+            raise RuntimeError(f"{method}: {answer['error']}")
+        return answer["result"]
+
+    def worker_addresses(self) -> dict[str, list[str]]:
+        return self._ask("worker_addresses")
+
+    def worker_sessions(self) -> dict[str, list[int]]:
+        return self._ask("worker_sessions")
+
+    def gateway_requests(self) -> list[dict[str, float]]:
+        return self._ask("gateway_requests")
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cluster(quick_family, tmp_path_factory):
+    (port,) = free_ports(1)
+    started = _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--num-cpus=2", f"--resources={json.dumps(HEAD_RESOURCES)}", "--include-dashboard=false", "--disable-usage-stats")
+    assert started.returncode == 0, started.stderr[-2000:]
+    second, driver = SecondNode(port), None
+    try:
+        config = demo_config(quick_family.path, *free_ports(3)).model_dump(mode="json")
+        config["gateway_replicas"], config["gateway_resources"] = 2, {"eft-gateway": 1}  # one per node
+        config["worker_groups"][0]["resources"] = {"head": 1}
+        config["worker_groups"][1].update(resources={"pair-slot": 1}, autoscaling=AUTOSCALING)  # at most one per node
+        wait_for(lambda: _alive_nodes(port) == 2, 60, "the second Ray node to join")
+        driver = Driver(f"{HEAD_IP}:{port}", config, tmp_path_factory.mktemp("multinode"))
+        yield driver, second
+    finally:  # the cluster is this test's own: stopped whole
+        if driver is not None:
+            driver.stop()
+        second.stop()
+        _ray("stop", "--force")
+
+
+def _alive_nodes(port: int) -> int:
+    status = _ray("status", f"--address={HEAD_IP}:{port}")
+    return status.stdout.split("Pending:")[0].count(" node_") if status.returncode == 0 else 0
+
+
+def _expected(oracle, question: str, max_tokens: int, ignore_eos: bool = False) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return oracle.generate("upscaled", [{"role": "user", "content": question}], params, ignore_eos=ignore_eos).generation.tokens
+
+
+def _questions(quick_family) -> list[str]:
+    return [f"what is the {attribute} of {entity} ?" for entity in quick_family.world().entities[:2] for attribute in ("capital", "animal")]
+
+
+def test_two_coordinators_on_two_nodes_serve_and_balance_the_workers(cluster, oracle, quick_family):
+    deployment, _ = cluster
+    questions = _questions(quick_family)
+    expected = {q: _expected(oracle, q, 12) for q in questions}
+    answers = {}
+
+    def ask(i: int) -> None:
+        with own_connection(deployment.address) as channel:
+            reply = eft_pb2_grpc.EFTServiceStub(channel).Generate(chat(questions[i % 4], temperature=0.0, max_tokens=12), timeout=120)
+        answers[i] = list(reply.token_ids)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == {i: expected[questions[i % 4]] for i in range(16)}
+    served = deployment.gateway_requests()
+    print(f"two coordinators: requests answered per gateway {served}")
+    assert len(served) == 2 and all(s.get("OK", 0) > 0 for s in served), served  # both gateways answered
+    assert sum(s["OK"] for s in served) >= 16
+
+
+def _balanced(sessions: list[int]) -> bool:
+    """Two replicas holding sessions, neither more than twice the other's."""
+    return len(sessions) == 2 and 0 < max(sessions) <= 2 * min(sessions)
+
+
+def _pair_replicas(deployment) -> int:
+    return len(deployment.worker_addresses()["pair"])
+
+
+def test_the_pair_group_scales_out_under_load_and_back_draining_with_no_failed_request(cluster, oracle, quick_family):
+    deployment, _ = cluster
+    questions = _questions(quick_family)
+    wait_for(lambda: _pair_replicas(deployment) == 1, 120, "the pair group at its minimum")
+    load = Load(deployment.address, questions, {q: _expected(oracle, q, 24) for q in questions}, clients=16)
+    try:
+        wait_for(lambda: _pair_replicas(deployment) == 2, 120, "a second pair replica under load")
+        wait_for(lambda: _balanced(deployment.worker_sessions()["pair"]), 30, "the pair replicas' sessions balanced")
+        load.stop(14)  # two clients go on through the scale-in: the removed replica drains them
+        wait_for(lambda: _pair_replicas(deployment) == 1, 180, "the pair group back at one replica")
+        time.sleep(3)
+    finally:
+        load.stop()
+    print(f"pair group 1 -> 2 -> 1 replicas under load: {load.replies} replies, {len(load.failures)} failed")
+    assert load.failures == [] and load.replies > 32, (load.failures[:5], load.replies)
+
+
+def test_a_stopped_node_fails_only_its_requests_and_the_other_node_serves_on(cluster, oracle, quick_family):
+    """Under load (which scales the pair group out to a replica on each node), long streams
+    run when the second node dies. Streams that were on it (its gateway, or its pair replica)
+    end UNAVAILABLE; those on the first node finish whole and exact; the clients go on
+    being served by the first node's replicas, and each lost at most its one request."""
+    deployment, second = cluster
+    questions = _questions(quick_family)
+    load = Load(deployment.address, questions, {q: _expected(oracle, q, 24) for q in questions}, clients=16)
+    try:
+        wait_for(lambda: _pair_replicas(deployment) == 2, 120, "a pair replica on each node")
+        wait_for(lambda: min(deployment.worker_sessions()["pair"]) > 0, 30, "both pair replicas serving")
+        stopped_at = []
+        outcomes = _long_streams_through(lambda: stopped_at.append(time.monotonic()) or second.stop(), deployment.address, questions)
+        served_before = load.replies
+        wait_for(lambda: load.replies >= served_before + 16, 120, "the clients served on by the first node")
+    finally:
+        load.stop()
+    codes = [code for code, _ in outcomes.values()]
+    print(f"node lost: long streams {sorted(codes)}; clients {load.replies} replies, {len(load.failures)} failed calls, the last {max((w for *_, w in load.failures), default=stopped_at[0]) - stopped_at[0]:.1f} s after the loss")
+    assert len(outcomes) == 12 and set(codes) <= {"OK", "UNAVAILABLE"} and "UNAVAILABLE" in codes, codes
+    for i, (code, tokens) in outcomes.items():
+        if code == "OK":  # the others' output is whole, and exact
+            assert tokens == _expected(oracle, questions[i % 4], LONG, ignore_eos=True)
+    assert {code for code, _, _ in load.failures} <= {"UNAVAILABLE"}, load.failures[:5]
+    assert all(0 <= when - stopped_at[0] < LOSS_WINDOW_S for _, _, when in load.failures), load.failures[:5]  # only while the node went
+    with grpc.insecure_channel(deployment.address) as channel:
+        service = eft_pb2_grpc.EFTServiceStub(channel)
+        for question in questions:
+            reply = service.Generate(chat(question, temperature=0.0, max_tokens=12), timeout=120)
+            assert list(reply.token_ids) == _expected(oracle, question, 12)
+
+
+def _long_streams_through(event, address: str, questions: list[str]) -> dict[int, tuple[str, list[int]]]:
+    """12 streams of LONG tokens, each on a connection of its own; ``event`` happens once all
+    are running. Each stream's final code and the tokens it got."""
+    running, outcomes, lock = [threading.Event() for _ in range(12)], {}, threading.Lock()
+
+    def stream(i: int) -> None:
+        request = chat(questions[i % 4], temperature=0.0, max_tokens=LONG, ignore_eos=True)
+        tokens = []
+        try:
+            with own_connection(address) as channel:
+                for chunk in eft_pb2_grpc.EFTServiceStub(channel).GenerateStream(request, timeout=180):
+                    tokens += chunk.token_ids
+                    running[i].set()
+            outcome = "OK"
+        except grpc.RpcError as error:
+            outcome = error.code().name
+        with lock:
+            outcomes[i] = (outcome, tokens)
+        running[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    assert all(e.wait(120) for e in running) and not outcomes, outcomes  # every stream is running
+    event()
+    for t in threads:
+        t.join(timeout=240)
+    return outcomes
