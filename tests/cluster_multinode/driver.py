@@ -1,10 +1,11 @@
-"""The multinode tests' Ray driver, in a process of its own: Ray Serve's handles keep state
-per process (a router event loop) that a second cluster in the same process cannot use, and
-the test process has already run tests/cluster's. It deploys the config it is given on the
-cluster at the address, says the public address (one JSON line), then answers each stdin
-line, the name of a LocalDeployment method, with its result as one JSON line.
+"""The multinode tests' view of the deployment, from a process of its own: Ray Serve's
+handles keep state per process (a router event loop) that a second cluster in the same
+process cannot use, and the test process has already run tests/cluster's. It attaches to
+the cluster, finds the application `eft serve` deployed, says its public address (one JSON
+line), then answers each stdin line, the name of a LocalDeployment method, with its result
+as one JSON line.
 
-    python -m tests.cluster_multinode.driver HEAD_IP:PORT HEAD_IP serve.yaml
+    python -m tests.cluster_multinode.driver HOST:PORT
 """
 
 import json
@@ -12,14 +13,16 @@ import sys
 
 
 def main() -> None:
-    address, node_ip, config_path = sys.argv[1:4]
     import ray
+    from ray import serve
 
-    ray.init(address=address, _node_ip_address=node_ip, log_to_driver=False)  # a driver on the head's node
-    from cluster.config import load_config
-    from cluster.launcher import start_local
+    from cluster.app import APP_NAME
+    from cluster.launcher import LocalDeployment
 
-    deployment = start_local(load_config(config_path), address=address)
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    handle = serve.get_deployment_handle("gateway", APP_NAME)
+    endpoints = handle.endpoints.remote().result()
+    deployment = LocalDeployment(endpoints["grpc"], endpoints["http"], endpoints["metrics"], handle)
     print(json.dumps({"address": deployment.address}), flush=True)
     for line in sys.stdin:
         try:

@@ -1,12 +1,14 @@
-"""Two Ray nodes on this machine (`ray start` processes on 127.0.0.1, each with its own custom
-resources) serving one application with two gateway/coordinator replicas, one per node, and
+"""Two Ray nodes on this machine (`ray start` processes on loopback, each with its own custom
+resources) serving one application, deployed by `eft serve --address auto` attached to the
+cluster it did not start, with two gateway/coordinator replicas, one per node, and
 the pair group autoscaled between 1 and 2 replicas, at most one per node (a custom resource
 each node offers once). Requests reach both gateways through the shared public port and are
 placed by the workers' reported load; the pair group scales out under load and back, its
 removed replica draining, with no failed request; then the second node stops as a lost pod
 would (every process of it killed): its requests end UNAVAILABLE, the others finish with
-their full output, and the first node's replicas take new requests. Its own package: one
-Ray cluster at a time, and tests/cluster's is stopped by the time this runs."""
+their full output, and the first node's replicas take new requests; last, Ctrl-C deletes the
+application and leaves the cluster running. Its own package: one Ray cluster at a time, and
+tests/cluster's is stopped by the time this runs."""
 
 import json
 import os
@@ -25,7 +27,7 @@ import yaml
 from cluster.config import demo_config
 from eft_core import SamplingParams
 from services.pb.eft.v1 import eft_pb2_grpc
-from tests.cluster.helpers import chat, free_ports, wait_for
+from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, free_ports, wait_for
 
 BIN = Path(sys.executable).parent
 # Ray refuses a second node on 127.0.0.1 (it resolves it to the machine's address) and in its
@@ -37,7 +39,7 @@ HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
 HEAD_RESOURCES = {"eft-gateway": 1, "pair-slot": 1, "head": 1}
 SECOND_RESOURCES = {"eft-gateway": 1, "pair-slot": 1}
-LONG = 200  # tokens of a stream that is still running when the node stops
+LONG = 120  # tokens of a stream that is still running when the node stops
 LOSS_WINDOW_S = 30.0  # calls may fail this long after a node is lost (a dead gateway's clients reconnecting), none later
 # Sessions per pair replica: a request holds 3 there (two models and the drafter's), so 16
 # clients ask for 2 replicas and 2 clients fit in 1. Short windows, for a test.
@@ -114,15 +116,14 @@ class SecondNode:
 
 
 class Driver:
-    """The deployment, driven from its own process (driver.py): the LocalDeployment methods
-    the tests use, each one JSON line over a pipe."""
+    """The deployment, seen from its own process (driver.py): the LocalDeployment methods the
+    tests use, each one JSON line over a pipe."""
 
-    def __init__(self, head: str, config: dict, folder: Path):
-        (folder / "serve.yaml").write_text(yaml.safe_dump(config))
-        command = [sys.executable, "-m", "tests.cluster_multinode.driver", head, HEAD_IP, str(folder / "serve.yaml")]
+    def __init__(self, head: str):
+        command = [sys.executable, "-m", "tests.cluster_multinode.driver", head]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd=Path(__file__).parents[2])
         ready = self.process.stdout.readline()
-        assert ready, f"the driver exited ({self.process.wait()}) before deploying"
+        assert ready, f"the driver exited ({self.process.wait()}) before finding the application"
         self.address = json.loads(ready)["address"]
 
     def _ask(self, method: str):
@@ -147,23 +148,46 @@ class Driver:
         self.process.wait(timeout=60)
 
 
+def _wait_for_line(process: subprocess.Popen, text: str, seconds: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    pytest.fail(f"no {text!r} within {seconds} s; output:\n{''.join(lines)[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def cluster(quick_family, tmp_path_factory):
+    """The two nodes, the application deployed on them by `eft serve --address auto` (attached
+    to a cluster it did not start), and the test's view of it."""
     (port,) = free_ports(1)
     started = _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--num-cpus=2", f"--resources={json.dumps(HEAD_RESOURCES)}", "--include-dashboard=false", "--disable-usage-stats")
     assert started.returncode == 0, started.stderr[-2000:]
-    second, driver = SecondNode(port), None
+    second, serving, driver = SecondNode(port), None, None
     try:
         config = demo_config(quick_family.path, *free_ports(3)).model_dump(mode="json")
         config["gateway_replicas"], config["gateway_resources"] = 2, {"eft-gateway": 1}  # one per node
         config["worker_groups"][0]["resources"] = {"head": 1}
         config["worker_groups"][1].update(resources={"pair-slot": 1}, autoscaling=AUTOSCALING)  # at most one per node
+        for group in config["worker_groups"]:  # sessions the lost gateway left behind are freed soon
+            group["session_idle_timeout_s"] = IDLE_TIMEOUT_S
+        path = tmp_path_factory.mktemp("multinode") / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
         wait_for(lambda: _alive_nodes(port) == 2, 60, "the second Ray node to join")
-        driver = Driver(f"{HEAD_IP}:{port}", config, tmp_path_factory.mktemp("multinode"))
-        yield driver, second
+        serving = subprocess.Popen([str(BIN / "eft"), "serve", "--config", str(path), "--address", "auto"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        lines = _wait_for_line(serving, "serving; Ctrl-C stops", 300)
+        assert any("the Ray cluster at auto" in line for line in lines), lines
+        driver = Driver(f"{HEAD_IP}:{port}")
+        yield driver, second, serving, port
     finally:  # the cluster is this test's own: stopped whole
         if driver is not None:
             driver.stop()
+        if serving is not None and serving.poll() is None:
+            serving.kill()
         second.stop()
         _ray("stop", "--force")
 
@@ -183,7 +207,7 @@ def _questions(quick_family) -> list[str]:
 
 
 def test_two_coordinators_on_two_nodes_serve_and_balance_the_workers(cluster, oracle, quick_family):
-    deployment, _ = cluster
+    deployment = cluster[0]
     questions = _questions(quick_family)
     expected = {q: _expected(oracle, q, 12) for q in questions}
     answers = {}
@@ -215,7 +239,7 @@ def _pair_replicas(deployment) -> int:
 
 
 def test_the_pair_group_scales_out_under_load_and_back_draining_with_no_failed_request(cluster, oracle, quick_family):
-    deployment, _ = cluster
+    deployment = cluster[0]
     questions = _questions(quick_family)
     wait_for(lambda: _pair_replicas(deployment) == 1, 120, "the pair group at its minimum")
     load = Load(deployment.address, questions, {q: _expected(oracle, q, 24) for q in questions}, clients=16)
@@ -224,7 +248,6 @@ def test_the_pair_group_scales_out_under_load_and_back_draining_with_no_failed_r
         wait_for(lambda: _balanced(deployment.worker_sessions()["pair"]), 30, "the pair replicas' sessions balanced")
         load.stop(14)  # two clients go on through the scale-in: the removed replica drains them
         wait_for(lambda: _pair_replicas(deployment) == 1, 180, "the pair group back at one replica")
-        time.sleep(3)
     finally:
         load.stop()
     print(f"pair group 1 -> 2 -> 1 replicas under load: {load.replies} replies, {len(load.failures)} failed")
@@ -236,7 +259,7 @@ def test_a_stopped_node_fails_only_its_requests_and_the_other_node_serves_on(clu
     run when the second node dies. Streams that were on it (its gateway, or its pair replica)
     end UNAVAILABLE; those on the first node finish whole and exact; the clients go on
     being served by the first node's replicas, and each lost at most its one request."""
-    deployment, second = cluster
+    deployment, second = cluster[:2]
     questions = _questions(quick_family)
     load = Load(deployment.address, questions, {q: _expected(oracle, q, 24) for q in questions}, clients=16)
     try:
@@ -291,3 +314,17 @@ def _long_streams_through(event, address: str, questions: list[str]) -> dict[int
     for t in threads:
         t.join(timeout=240)
     return outcomes
+
+
+def test_ctrl_c_deletes_the_application_and_leaves_the_cluster_running(cluster):
+    """`eft serve --address` attached to a cluster it did not start: Ctrl-C deletes its
+    application and leaves the cluster, and its Serve, running."""
+    *_, serving, port = cluster
+    serving.send_signal(signal.SIGINT)
+    assert serving.wait(timeout=120) == 0
+    listed = subprocess.run(
+        [sys.executable, "-c", f"import ray; from ray import serve; ray.init(address='{HEAD_IP}:{port}', log_to_driver=False); print(sorted(serve.status().applications))"],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )
+    assert listed.returncode == 0 and "eft" not in listed.stdout.strip().splitlines()[-1], listed.stdout + listed.stderr[-2000:]
+    assert _alive_nodes(port) >= 1  # the head still runs (the second node was lost above)
