@@ -78,7 +78,7 @@ class WorkerReplica:
             raise RuntimeError(f"a model call has run for {stalled:.0f} s (stall_timeout_s {self.stall_timeout_s:.0f})")
 
     def sessions(self) -> int:
-        return self.worker.info().sessions
+        return self.worker.sessions_held()
 
     def pids(self) -> list[int]:
         """This replica's processes: its own, then its tensor-parallel followers'."""
@@ -90,7 +90,7 @@ class WorkerReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What Ray Serve's autoscaler sees of this replica (cluster/autoscaling.py)."""
-        return {SESSIONS_METRIC: float(self.worker.info().sessions)}
+        return {SESSIONS_METRIC: float(self.worker.sessions_held())}
 
     def __del__(self):
         """Ray Serve is removing this replica: drain, then stop its followers. Once: Serve
@@ -110,10 +110,10 @@ class WorkerReplica:
         (the whole application is stopping, say)."""
         deadline = time.monotonic() + self.drain_timeout_s
         time.sleep(min(DIRECTORY_REFRESH_S * 2, self.drain_timeout_s))
-        while self.worker.info().sessions and time.monotonic() < deadline:
+        while self.worker.sessions_held() and time.monotonic() < deadline:
             self.worker.release_idle(self.abandoned_after_s)
             time.sleep(0.2)
-        if held := self.worker.info().sessions:
+        if held := self.worker.sessions_held():
             log.warning("worker replica %s leaves with %d sessions after its %.0f s drain", self.address_, held, self.drain_timeout_s)
 
 

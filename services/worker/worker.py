@@ -93,6 +93,11 @@ class ModelWorker:
             finally:
                 self.call_started = None
 
+    def sessions_held(self) -> int:
+        """Caches held now, read without waiting for a running call (a stalled one must not
+        stall the autoscaler's stats or a drain); a reading between two calls' changes."""
+        return len(self.store)
+
     def info(self) -> WorkerInfo:
         models = [
             ModelInfo(m.name, m.fingerprint, m.vocab_size, m.tokenizer_size, str(m.model.dtype).removeprefix("torch."), str(m.model.device), m.max_sequence_length, m.tensor_parallel_size)
