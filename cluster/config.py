@@ -14,6 +14,8 @@ from eft_core import Composition, Delta, EFTError
 from services.coordinator.health import CallPolicy
 from services.family.compositions import family_compositions
 from services.family.recipe import default_family_dir
+from services.gateway.connections import Connections
+from services.gateway.gateway import Limits
 from services.worker.api import WorkerLimits
 
 
@@ -115,6 +117,22 @@ class LimitsConfig(_Strict):
     max_running: int = Field(32, ge=1, description="requests decoded together")
     max_waiting: int = Field(256, ge=0, description="requests queued beyond that (then RESOURCE_EXHAUSTED)")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request: a gRPC message (else RESOURCE_EXHAUSTED) or HTTP body (else 413)")
+    max_messages: int = Field(Limits.max_messages, ge=1, description="messages in one chat, checked before any rendering (OpenAI's own limit)")
+    request_timeout_s: float | None = Field(Limits.request_timeout_s, gt=0, description="deadline of a request that sets none (gRPC deadline, HTTP body field timeout); none by default")
+
+
+class ConnectionsConfig(_Strict):
+    """What one client connection may do (services/gateway/connections.py)."""
+
+    header_timeout_s: float = Field(Connections.header_timeout_s, gt=0, description="an HTTP request's headers must arrive within this of its first byte (or the connection's start), else the connection closes")
+    body_timeout_s: float = Field(Connections.body_timeout_s, gt=0, description="an HTTP request's body must arrive within this of its headers, else 408")
+    keep_alive_s: float = Field(Connections.keep_alive_s, gt=0, description="an idle HTTP keep-alive connection closes after this")
+    max_connections: int = Field(Connections.max_connections, ge=1, description="open HTTP connections per gateway replica; requests beyond get 503")
+    grpc_keepalive_s: float = Field(Connections.grpc_keepalive_s, gt=0, description="the server pings a gRPC connection idle this long")
+    grpc_keepalive_timeout_s: float = Field(Connections.grpc_keepalive_timeout_s, gt=0, description="and drops it when the ping goes unanswered this long")
+    grpc_max_connection_idle_s: float = Field(Connections.grpc_max_connection_idle_s, gt=0, description="a gRPC connection without calls this long is closed (GOAWAY)")
+    grpc_max_connection_age_s: float = Field(Connections.grpc_max_connection_age_s, gt=0, description="a gRPC connection lives this long, then clients reconnect (spreading over gateway replicas)")
+    grpc_max_connection_age_grace_s: float = Field(Connections.grpc_max_connection_age_grace_s, gt=0, description="the calls running on an aged connection get this long to finish")
 
 
 class TLSConfig(_Strict):
@@ -128,6 +146,7 @@ class ServeConfig(_Strict):
     compositions: list[CompositionConfig] = Field(min_length=1, description="what clients can ask for")
     default_composition: str = Field(description="used when a request names none")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="per-request limits")
+    connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig, description="timeouts and caps of client connections")
     grpc_port: int = Field(50051, ge=0, le=65535, description="public gRPC port (EFTService, grpc.health.v1, reflection)")
     http_port: int = Field(8000, ge=0, le=65535, description="public HTTP port (OpenAI-compatible API, /health, /metrics)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus scrape port (/metrics)")

@@ -21,6 +21,7 @@ from cluster.directory import REFRESH_S as DIRECTORY_REFRESH_S
 from cluster.directory import WorkerDirectory
 from services.coordinator.engine import Engine, ReplicaPool
 from services.coordinator.scheduler import Scheduler
+from services.gateway.connections import Connections
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
@@ -147,8 +148,9 @@ class GatewayReplica:
         metrics.add_state(worker_state(self.directory.labelled_clients, engine.health.is_ejected))
         tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
         security = Security.from_files(*(tls or (None, None)), config.auth_token_file)
-        self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security)
-        self.http_server, http_port = start_http_server(create_app(gateway, security), config.host, config.http_port, tls)
+        connections = Connections(**config.connections.model_dump())
+        self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security, connections)
+        self.http_server, http_port = start_http_server(create_app(gateway, security, connections), config.host, config.http_port, tls, connections)
         self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port, {HEALTHZ_PATH: gateway.healthz})
         scheme = "https" if tls else "http"
         self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"{scheme}://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}

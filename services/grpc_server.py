@@ -25,12 +25,14 @@ def start_grpc_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     health_of: Callable[[], Mapping[str, bool]] | None = None,
+    options: Sequence[tuple[str, int]] = (),
 ) -> tuple[grpc.Server, int]:
     """A started server; returns it and the bound port (``address`` may ask for port 0).
     ``credentials``: TLS (plaintext without); ``interceptors``: e.g. the bearer-token check.
     ``health_of``: serving or not per health service name, asked every HEALTH_REFRESH_S
-    while the server runs (without it, "" and ``service_name`` report SERVING)."""
-    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+    while the server runs (without it, "" and ``service_name`` report SERVING). ``options``:
+    more channel arguments (keepalive, connection age)."""
+    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes), *options]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, interceptors=list(interceptors))
     add_servicers(server)
     health_servicer = health.HealthServicer()

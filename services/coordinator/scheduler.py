@@ -7,6 +7,7 @@ iterations and release every worker session the request held; the loop never wai
 release.
 """
 
+import asyncio
 import logging
 import queue
 import threading
@@ -32,7 +33,8 @@ class Chunk:
 
 
 class Handle:
-    """The caller's side of a submitted request."""
+    """The caller's side of a submitted request: its chunks, read by a thread (``stream``)
+    or by a task on an asyncio loop (``astream``, which holds no thread while it waits)."""
 
     def __init__(self, request: EngineRequest, deadline: float | None):
         self.request, self.deadline = request, deadline
@@ -40,14 +42,56 @@ class Handle:
         self.cancelled = threading.Event()
         self.sent = 0  # tokens already put into chunks
         self.submitted_at, self.admitted_at = time.monotonic(), None  # monotonic seconds
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # an async reader's
+
+    def put(self, chunk: Chunk) -> None:
+        """The scheduler's side (any thread)."""
+        self.chunks.put(chunk)
+        if (wake := self._wake) is not None:
+            loop, event = wake
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the reader's loop has closed: nobody reads any more
+                pass
 
     def stream(self):
-        """Chunks until (and including) the final one."""
+        """Chunks until (and including) the final one. At the deadline the reader stops
+        waiting, even on a step stalled behind a worker: a final "deadline" chunk, and the
+        request is cancelled (its sessions go when the scheduler next drops it)."""
         while True:
-            chunk = self.chunks.get()
+            try:
+                chunk = self.chunks.get(timeout=self._remaining())
+            except queue.Empty:
+                chunk = self._expired()
             yield chunk
             if chunk.final:
                 return
+
+    async def astream(self):
+        """As ``stream``, awaited on the running loop."""
+        event = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), event)
+        while True:
+            try:
+                chunk = self.chunks.get_nowait()
+            except queue.Empty:
+                try:
+                    await asyncio.wait_for(event.wait(), self._remaining())
+                except TimeoutError:
+                    chunk = self._expired()
+                else:
+                    event.clear()  # set again by any chunk put after this: it is read next round
+                    continue
+            yield chunk
+            if chunk.final:
+                return
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def _expired(self) -> Chunk:
+        self.cancel()
+        return Chunk([], [], [], True, "deadline")
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -99,9 +143,12 @@ class Scheduler:
                     self.condition.wait()
                 if self.stopped:
                     break
+                gone = [h for h in self.waiting if h.cancelled.is_set()]  # their clients left while they queued
+                self.waiting = [h for h in self.waiting if not h.cancelled.is_set()]
                 admitted = self.waiting[: self.max_running - len(self.running)]
                 self.waiting = self.waiting[len(admitted) :]
                 self.running += admitted
+            self._finish(gone, "cancelled")
             for handle in admitted:
                 handle.admitted_at = time.monotonic()
             self._drop_abandoned()
@@ -132,7 +179,7 @@ class Scheduler:
                 final = Chunk(request.tokens[new], request.logprobs[new], request.rewards[new], True, request.finish_reason, request.error)
                 self._release_then_put(handle, final)
             elif new.start < new.stop:
-                handle.chunks.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new]))
+                handle.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new]))
             handle.sent = len(request.tokens)
 
     def _finish(self, handles: list[Handle], reason: str) -> None:
@@ -145,4 +192,4 @@ class Scheduler:
     def _release_then_put(self, handle: Handle, final: Chunk) -> None:
         """The final chunk follows the release of the request's sessions (a caller that saw
         the end finds them freed), which runs off this loop."""
-        self.engine.release([handle.request]).add_done_callback(lambda _: handle.chunks.put(final))
+        self.engine.release([handle.request]).add_done_callback(lambda _: handle.put(final))

@@ -1,13 +1,14 @@
 """Requests in, text out: validation, per-model prompts, stop strings, streaming text, and
 the request metrics. Every transport (gRPC, HTTP) goes through ``Gateway.generate``."""
 
+import json
 import math
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
-from eft_core import Composition, DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams
+from eft_core import Composition, DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams, UnavailableError
 from eft_core.errors import require
 from services.coordinator.engine import EngineRequest
 from services.coordinator.scheduler import Handle, Scheduler
@@ -29,6 +30,8 @@ class Limits:
     default_draft_k: int = 4  # speculation when a request does not say (0: off by default)
     max_draft_k: int = 16
     max_request_bytes: int = 4 << 20  # a request message or HTTP body (gRPC's own default)
+    max_messages: int = 2048  # messages in one chat (OpenAI's own limit)
+    request_timeout_s: float | None = None  # a request that sets no deadline of its own gets this one
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Gateway:
         self.compositions, self.tokenizers, self.contexts, self.scheduler = dict(compositions), dict(tokenizers), dict(contexts), scheduler
         self.default_composition, self.limits = default_composition, limits
         self.metrics = metrics or ServingMetrics()
+        self.draining = False  # set by drain(): health turns NOT_SERVING, new requests UNAVAILABLE
+        self.longest_token = {name: longest_token_chars(t) for name, t in self.tokenizers.items()}
 
     def list_compositions(self) -> eft_pb2.ListCompositionsResponse:
         infos = [
@@ -66,15 +71,27 @@ class Gateway:
     def health(self) -> dict[str, bool]:
         """What the server can do now, per composition: take a request (the scheduler's loop
         runs, and every worker group the composition needs has a replica in placement);
-        under "": whether any composition can."""
-        alive, engine = self.scheduler.thread.is_alive(), self.scheduler.engine
+        under "": whether any composition can. Nothing serves while the gateway drains."""
+        alive, engine = self.scheduler.thread.is_alive() and not self.draining, self.scheduler.engine
         serving = {name: alive and engine.servable(c) for name, c in self.compositions.items()}
         return {"": any(serving.values()), **serving}
 
     def healthz(self) -> tuple[int, str]:
         """Ray Serve's proxy health contract, which KubeRay polls on the port named ``serve``
         (HEALTHZ_PATH): 200 with "success" to take traffic, 503 otherwise."""
-        return (200, "success") if self.health()[""] else (503, "unavailable: no composition can serve")
+        return (200, "success") if self.health()[""] else (503, "unavailable: draining" if self.draining else "unavailable: no composition can serve")
+
+    def drain(self, timeout_s: float, poll_s: float = 0.1) -> tuple[int, int]:
+        """Stop taking requests and wait, up to ``timeout_s``, for the admitted ones (running
+        and queued) to end; returns (finished, still running). Health reports NOT_SERVING from
+        the first moment, so load balancers and probes turn away before the wait."""
+        self.draining = True
+        admitted = sum(self.scheduler.counts)
+        deadline = time.monotonic() + timeout_s
+        while sum(self.scheduler.counts) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        left = sum(self.scheduler.counts)
+        return admitted - left, left
 
     def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
         """Validate everything once; errors name the field."""
@@ -82,71 +99,63 @@ class Gateway:
         weights = self._weights(composition, message.weights)
         self._check_stop(message.sampling)
         draft_k, adaptive = self._speculation(message.speculation, composition)
-        prompts = self._prompts(composition, self._prompt(message))
+        prompt = self._prompt(message)
+        self._check_prompt_size(composition, prompt)
+        prompts = self._prompts(composition, prompt)
         params = self._sampling(message.sampling, composition, self._max_tokens(message.sampling, prompts))
         request = EngineRequest(uuid.uuid4().hex, composition, prompts, params, weights, draft_k, adaptive)
         return Prepared(request, list(message.sampling.stop), message.return_options, len(prompts[composition.base]))
 
-    def generate(self, message: eft_pb2.GenerateRequest, timeout: float | None = None) -> tuple[Handle, Iterator[eft_pb2.GenerateStreamResponse]]:
-        """Validate and submit; returns the handle (to cancel) and the stream of response
-        messages (iterate it to the end). ``timeout``: seconds from now for the whole request."""
+    def submit(self, message: eft_pb2.GenerateRequest, timeout: float | None = None) -> "Submitted":
+        """Validate and queue a request. ``timeout``: seconds from now for the whole request
+        (None: limits.request_timeout_s). Refused with UNAVAILABLE while the gateway drains."""
         arrived = time.monotonic()
         try:
+            if self.draining:
+                raise UnavailableError("this gateway is shutting down: retry (another replica serves)")
             prepared = self.prepare(message)
-            handle = self.scheduler.submit(prepared.request, timeout)
+            handle = self.scheduler.submit(prepared.request, timeout if timeout is not None else self.limits.request_timeout_s)
         except EFTError as error:
             self.metrics.requests.labels(error.code).inc()
             raise
-        return handle, self._counted(self._responses(prepared, handle, arrived))
+        return Submitted(prepared, handle, arrived)
 
-    def _counted(self, replies: Iterator[eft_pb2.GenerateStreamResponse]) -> Iterator[eft_pb2.GenerateStreamResponse]:
-        code = "CANCELLED"  # unless it ends otherwise: the caller stopped reading
+    def generate(self, message: eft_pb2.GenerateRequest, timeout: float | None = None) -> tuple[Handle, Iterator[eft_pb2.GenerateStreamResponse]]:
+        """Submit; returns the handle (to cancel) and the stream of response messages for a
+        reading thread (iterate it to the end)."""
+        submitted = self.submit(message, timeout)
+        return submitted.handle, self.replies(submitted)
+
+    def replies(self, submitted: "Submitted") -> Iterator[eft_pb2.GenerateStreamResponse]:
+        made, handle = _Replies(self, submitted), submitted.handle
         try:
-            for reply in replies:
+            for chunk in handle.stream():
+                reply = made.of(chunk)
+                if made.cut_short:
+                    handle.cancel()
+                    for _ in handle.stream():  # until the scheduler has released its sessions
+                        pass
                 yield reply
                 if reply.finish_reason:
-                    code = "CANCELLED" if reply.finish_reason == eft_pb2.FINISH_REASON_CANCELLED else "OK"
-        except EFTError as error:
-            code = error.code
-            raise
+                    return
         finally:
-            self.metrics.requests.labels(code).inc()
+            made.close()
 
-    def _responses(self, prepared: Prepared, handle: Handle, arrived: float) -> Iterator[eft_pb2.GenerateStreamResponse]:
-        composition, options = prepared.request.composition, prepared.options
-        text = TextStream(self.tokenizers[composition.base], prepared.stop)
-        clock = RequestClock(self.metrics, composition.name, arrived)
-        self.metrics.prompt_tokens.labels(composition.name).inc(prepared.prompt_tokens)
-        for chunk in handle.stream():
-            if chunk.error is not None:
-                raise chunk.error
-            new_text, kept = text.add(chunk.tokens)
-            clock.on_tokens(kept, handle.submitted_at, handle.admitted_at)
-            clock.on_rewards([d.name for d in composition.deltas], chunk.rewards[:kept])
-            if text.stopped and not chunk.final:
-                handle.cancel()
-                for _ in handle.stream():  # until the scheduler has released its sessions
-                    pass
-            final = chunk.final or text.stopped
-            reply = eft_pb2.GenerateStreamResponse(text=new_text + (text.finish() if final else ""))
-            if options.token_ids:
-                reply.token_ids.extend(chunk.tokens[:kept])
-            if options.logprobs:
-                reply.logprobs.extend(chunk.logprobs[:kept])
-            if options.rewards:
-                reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards[:kept])
-            if final:
-                reason = "stop" if text.stopped else chunk.finish_reason
-                clock.on_finish(reason)
-                if reason == "deadline":
-                    raise DeadlineExceededError(f"the request's deadline passed after {len(text.tokens)} tokens")
-                reply.finish_reason = _FINISH[reason]
-                reply.usage.CopyFrom(eft_pb2.Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=len(text.tokens)))
-                stats = prepared.request.stats
-                reply.stats.CopyFrom(eft_pb2.DraftStats(drafted=stats.draft_tokens, accepted=stats.accepted_tokens))
-            yield reply
-            if final:
-                return
+    async def areplies(self, submitted: "Submitted") -> AsyncIterator[eft_pb2.GenerateStreamResponse]:
+        """As ``replies``, for a task on an asyncio loop: it waits on chunks without a thread."""
+        made, handle = _Replies(self, submitted), submitted.handle
+        try:
+            async for chunk in handle.astream():
+                reply = made.of(chunk)
+                if made.cut_short:
+                    handle.cancel()
+                    async for _ in handle.astream():
+                        pass
+                yield reply
+                if reply.finish_reason:
+                    return
+        finally:
+            made.close()
 
     # --- validation ----------------------------------------------------------------------
 
@@ -167,6 +176,24 @@ class Gateway:
         if longest > self.limits.max_prompt_tokens:
             raise ResourceExhaustedError(f"{longest} prompt tokens, over the limit of {self.limits.max_prompt_tokens}", field="prompt")
         return prompts
+
+    def check_chat_length(self, messages: int) -> None:
+        if messages > self.limits.max_messages:
+            raise ResourceExhaustedError(f"{messages} messages, over the limit of {self.limits.max_messages}", field="messages")
+
+    def _check_prompt_size(self, composition: Composition, prompt: str | list[dict]) -> None:
+        """Refuse, before any rendering, a chat with too many messages or a prompt whose text
+        alone must tokenize past the prompt limit: a token spans at most longest_token_chars
+        (times NORMALIZE_SLACK: a normalizer may merge characters), so this never refuses a
+        prompt that would fit. Rendering and tokenizing a 4 MiB chat takes seconds per model."""
+        if isinstance(prompt, list):
+            self.check_chat_length(len(prompt))
+        spans = [self.longest_token[m] for m in composition.models]
+        if None in spans:
+            return
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if chars > max(spans) * NORMALIZE_SLACK * self.limits.max_prompt_tokens:
+            raise ResourceExhaustedError(f"a prompt of {chars} characters is over {self.limits.max_prompt_tokens} tokens (the limit) in any tokenization", field="prompt")
 
     def _max_tokens(self, message: eft_pb2.Sampling, prompts: dict[str, list[int]]) -> int:
         """The request's max_tokens: within the limit, and such that every model's prompt plus
@@ -219,6 +246,89 @@ class Gateway:
             require(message.text != "", "text", "must not be empty")
             return message.text
         return [{"role": m.role, "content": m.content} for m in message.messages.messages]
+
+
+NORMALIZE_SLACK = 4
+
+
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters of text one token of ``tokenizer`` can stand for: its longest
+    vocabulary entry (a byte-level entry's bytes, at least its characters), or a WordPiece
+    word's limit; None where an unknown token may stand for any run of text (WordLevel,
+    Unigram, BPE that fuses unknowns), which leaves the rendered length the only bound."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    model = json.loads(backend.to_str())["model"]
+    longest = max(len(token.encode()) for token in tokenizer.get_vocab())
+    if model["type"] == "WordPiece":
+        return max(longest, model["max_input_chars_per_word"])
+    if model["type"] == "BPE" and (model.get("byte_fallback") or not model.get("unk_token") or not model.get("fuse_unk")):
+        return longest
+    return None
+
+
+@dataclass
+class Submitted:
+    prepared: Prepared
+    handle: Handle
+    arrived: float  # monotonic seconds
+
+
+class _Replies:
+    """One request's response messages, made chunk by chunk for either kind of reader, and
+    its final status for the metrics (CANCELLED unless it ends otherwise: the reader left)."""
+
+    def __init__(self, gateway: Gateway, submitted: Submitted):
+        self.prepared, self.metrics = submitted.prepared, gateway.metrics
+        self.composition = self.prepared.request.composition
+        self.text = TextStream(gateway.tokenizers[self.composition.base], self.prepared.stop)
+        self.handle = submitted.handle
+        self.clock = RequestClock(gateway.metrics, self.composition.name, submitted.arrived)
+        self.metrics.prompt_tokens.labels(self.composition.name).inc(self.prepared.prompt_tokens)
+        self.code, self.cut_short = "CANCELLED", False
+
+    def of(self, chunk) -> eft_pb2.GenerateStreamResponse:
+        """The message for ``chunk``; ``cut_short`` after it when a stop string ended the text
+        before the scheduler did (the reader then cancels and waits for the release)."""
+        try:
+            return self._reply(chunk)
+        except EFTError as error:
+            self.code = error.code
+            raise
+
+    def _reply(self, chunk) -> eft_pb2.GenerateStreamResponse:
+        if chunk.error is not None:
+            raise chunk.error
+        options, text, handle = self.prepared.options, self.text, self.handle
+        new_text, kept = text.add(chunk.tokens)
+        self.clock.on_tokens(kept, handle.submitted_at, handle.admitted_at)
+        self.clock.on_rewards([d.name for d in self.composition.deltas], chunk.rewards[:kept])
+        self.cut_short = text.stopped and not chunk.final
+        final = chunk.final or text.stopped
+        reply = eft_pb2.GenerateStreamResponse(text=new_text + (text.finish() if final else ""))
+        if options.token_ids:
+            reply.token_ids.extend(chunk.tokens[:kept])
+        if options.logprobs:
+            reply.logprobs.extend(chunk.logprobs[:kept])
+        if options.rewards:
+            reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards[:kept])
+        if final:
+            self._finish(reply, "stop" if text.stopped else chunk.finish_reason)
+        return reply
+
+    def _finish(self, reply: eft_pb2.GenerateStreamResponse, reason: str) -> None:
+        self.clock.on_finish(reason)
+        if reason == "deadline":
+            raise DeadlineExceededError(f"the request's deadline passed after {len(self.text.tokens)} tokens")
+        reply.finish_reason = _FINISH[reason]
+        reply.usage.CopyFrom(eft_pb2.Usage(prompt_tokens=self.prepared.prompt_tokens, completion_tokens=len(self.text.tokens)))
+        stats = self.prepared.request.stats
+        reply.stats.CopyFrom(eft_pb2.DraftStats(drafted=stats.draft_tokens, accepted=stats.accepted_tokens))
+        self.code = "CANCELLED" if reason == "cancelled" else "OK"
+
+    def close(self) -> None:
+        self.metrics.requests.labels(self.code).inc()
 
 
 _FINISH = {"stop": eft_pb2.FINISH_REASON_STOP, "length": eft_pb2.FINISH_REASON_LENGTH, "cancelled": eft_pb2.FINISH_REASON_CANCELLED}

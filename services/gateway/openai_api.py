@@ -9,35 +9,42 @@ paths share one validation and one set of limits.
 EFT options ride as extra body fields (the ``openai`` client's ``extra_body``):
 ``weights`` ({delta: weight}), ``speculation`` ("off", "auto", or k), ``implicit_rewards``
 (bool: per-token rewards per delta), ``return_token_ids``, ``top_k``,
-``conservative_top_p``, ``ignore_eos``. The ``model`` field names the composition. Each
-response carries an ``eft`` object: draft statistics, and the token ids and rewards asked for.
+``conservative_top_p``, ``ignore_eos``, ``timeout`` (seconds for the whole request; default
+limits.request_timeout_s). The ``model`` field names the composition. Each response carries
+an ``eft`` object: draft statistics, and the token ids and rewards asked for.
+
+Requests wait on their tokens as asyncio tasks, never on a thread: the number of requests in
+flight is bounded by the scheduler's limits (then 429) and the connection cap, and health
+answers at once however many wait. A client that disconnects, streaming or not, is
+cancelled: its sessions are freed within an iteration.
 """
 
+import asyncio
 import json
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import anyio
+import pydantic_core
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eft_core import EFTError, InvalidArgumentError, OverloadedError
-from services.gateway.gateway import Gateway
+from services.gateway.connections import Connections
+from services.gateway.gateway import Gateway, Submitted
 from services.pb.eft.v1 import eft_pb2
 from services.security import HEALTHZ_PATH, OPEN_HTTP_PATHS, Security
 
 FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 INT32 = 2**31 - 1
 
 
@@ -64,6 +71,7 @@ class _Body(BaseModel):
     top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0
     conservative_top_p: bool = False
     ignore_eos: bool = False
+    timeout: Annotated[float, Field(gt=0)] | None = None
 
 
 class CompletionBody(_Body):
@@ -87,9 +95,9 @@ class ChatBody(_Body):
     top_logprobs: Literal[0] | None = None
 
 
-def create_app(gateway: Gateway, security: Security = Security()) -> FastAPI:
+def create_app(gateway: Gateway, security: Security = Security(), connections: Connections = Connections()) -> FastAPI:
     app = FastAPI(title="EFT Serve", description="OpenAI-compatible API of EFT Serve", docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=gateway.limits.max_request_bytes)
+    app.add_middleware(BodyGuard, max_bytes=gateway.limits.max_request_bytes, timeout_s=connections.body_timeout_s)
 
     @app.middleware("http")
     async def bearer_token(request: Request, call_next):
@@ -103,48 +111,67 @@ def create_app(gateway: Gateway, security: Security = Security()) -> FastAPI:
         return _error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):  # unparsable body, unknown route
-        return _error_json(error.status_code, str(error.detail), None)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_body(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        return _error_json(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
+    async def http_error(request: Request, error: StarletteHTTPException):  # a body too large or too slow, an unknown route
+        return _error_json(error.status_code, str(error.detail), None, error.headers)
 
     @app.get("/v1/models")
-    def models():
+    async def models():
         listing = gateway.list_compositions()
         return {"object": "list", "data": [{"id": c.name, "object": "model", "created": 0, "owned_by": "eft-serve", "root": c.base} for c in listing.compositions]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        message = _completion_request(body)
-        return await _respond(gateway, body, message, _CompletionFormat(gateway, body))
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
+    async def completions(request: Request):
+        body = await _parsed(request, CompletionBody, gateway)
+        return await _respond(request, gateway, body, _completion_request(body), _CompletionFormat(gateway, body))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
-        message = _chat_request(body)
-        return await _respond(gateway, body, message, _ChatFormat(gateway, body))
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
+    async def chat_completions(request: Request):
+        body = await _parsed(request, ChatBody, gateway)
+        return await _respond(request, gateway, body, _chat_request(body), _ChatFormat(gateway, body))
 
     @app.get("/health")
-    def health():
+    async def health():
         """200 while some composition can serve (as gRPC health's ""), with each one's state."""
         serving = gateway.health()
         overall = serving.pop("")
         compositions = {name: "serving" if ok else "not_serving" for name, ok in serving.items()}
-        return JSONResponse({"status": "ok" if overall else "unavailable", "compositions": compositions}, status_code=200 if overall else 503)
+        status = "ok" if overall else ("draining" if gateway.draining else "unavailable")
+        return JSONResponse({"status": status, "compositions": compositions}, status_code=200 if overall else 503)
 
     @app.get(HEALTHZ_PATH)
-    def healthz():
+    async def healthz():
         status, text = gateway.healthz()
         return PlainTextResponse(text, status_code=status)
 
     @app.get("/metrics")
-    def metrics():
+    def metrics():  # a thread of its own: the workers' state is read with a deadline per worker
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _parsed(request: Request, model: type[BaseModel], gateway: Gateway):
+    """The body as ``model``, its errors naming the field. A chat's length is checked on the
+    parsed JSON before the model's validation, which costs about 10 us per message."""
+    try:
+        data = pydantic_core.from_json(await request.body())
+    except ValueError as error:
+        raise InvalidArgumentError(f"not valid JSON: {error}", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"must be a JSON object, got {type(data).__name__}", field="body")
+    if isinstance(data.get("messages"), list):
+        gateway.check_chat_length(len(data["messages"]))
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidArgumentError(f"{where}: {first['msg']}" if where else first["msg"], field=where or "body") from None
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of an endpoint that parses its own body."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 # --- OpenAI body -> eft.v1.GenerateRequest ---------------------------------------------------
@@ -263,15 +290,30 @@ class _ChatFormat(_Format):
         return self.envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
 
 
-async def _respond(gateway: Gateway, body: _Body, message: eft_pb2.GenerateRequest, form: _Format):
-    handle, replies = await anyio.to_thread.run_sync(gateway.generate, message)
+async def _respond(request: Request, gateway: Gateway, body: _Body, message: eft_pb2.GenerateRequest, form: _Format):
+    submitted = await anyio.to_thread.run_sync(gateway.submit, message, body.timeout)  # renders and tokenizes off the loop
     if body.stream:
-        return StreamingResponse(_events(handle, replies, body, form), media_type="text/event-stream")
+        return StreamingResponse(_events(submitted, gateway, body, form), media_type="text/event-stream")
     try:
-        chunks = await anyio.to_thread.run_sync(list, replies)
+        chunks = await _collected(request, submitted, gateway)
     finally:
-        handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
+        submitted.handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
     return _whole(chunks, body, form)
+
+
+async def _collected(request: Request, submitted: Submitted, gateway: Gateway) -> list[eft_pb2.GenerateStreamResponse]:
+    """Every reply of a request, unless its client disconnects first (which cancels it)."""
+
+    async def cancel_on_disconnect():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        submitted.handle.cancel()
+
+    watcher = asyncio.ensure_future(cancel_on_disconnect())  # not a task group: the request's own error must reach the handlers unwrapped
+    try:
+        return [chunk async for chunk in gateway.areplies(submitted)]
+    finally:
+        watcher.cancel()
 
 
 def _whole(chunks: list[eft_pb2.GenerateStreamResponse], body: _Body, form: _Format) -> dict:
@@ -283,13 +325,14 @@ def _whole(chunks: list[eft_pb2.GenerateStreamResponse], body: _Body, form: _For
     return form.envelope(form.object_whole, [choice], usage=_usage(final), eft=_extension(body, final, token_ids, rewards))
 
 
-async def _events(handle, replies: Iterator[eft_pb2.GenerateStreamResponse], body: _Body, form: _Format):
+async def _events(submitted: Submitted, gateway: Gateway, body: _Body, form: _Format):
     """Server-sent events: one per chunk, an optional usage chunk, then [DONE]. An error after
-    the headers went out is sent as an event holding OpenAI's error object."""
+    the headers went out is sent as an event holding OpenAI's error object. Starlette cancels
+    this task when the client disconnects."""
     try:
         if (first := form.first_chunk()) is not None:
             yield _event(first)
-        while (chunk := await anyio.to_thread.run_sync(next, replies, None)) is not None:
+        async for chunk in gateway.areplies(submitted):
             finish = FINISH.get(chunk.finish_reason)
             choice = form.choice(chunk.text, chunk.token_ids, chunk.logprobs, finish, whole=False)
             extra = {"eft": _extension(body, chunk, list(chunk.token_ids), [list(r.values) for r in chunk.rewards])} if (finish or body.return_token_ids or body.implicit_rewards) else {}
@@ -300,7 +343,7 @@ async def _events(handle, replies: Iterator[eft_pb2.GenerateStreamResponse], bod
     except EFTError as error:
         yield _event({"error": _error_object(error)})
     finally:
-        handle.cancel()  # the client went away mid-stream: stop generating, free the sessions
+        submitted.handle.cancel()  # the client went away mid-stream: stop generating, free the sessions
 
 
 def _event(payload: dict) -> str:
@@ -339,17 +382,18 @@ def _error_response(error: EFTError) -> JSONResponse:
     return JSONResponse({"error": _error_object(error)}, status_code=http_status(error))
 
 
-def _error_json(status: int, message: str, param: str | None) -> JSONResponse:
+def _error_json(status: int, message: str, param: str | None, headers: dict | None = None) -> JSONResponse:
     kind = ERROR_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers)
 
 
-class BodyLimit:
+class BodyGuard:
     """ASGI middleware: a body over ``max_bytes``, declared or counted as it arrives, is
-    answered 413 (in OpenAI's error shape) before the application parses it."""
+    answered 413, and one that has not fully arrived ``timeout_s`` after the headers 408 (in
+    OpenAI's error shape), before the application parses it."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -358,32 +402,49 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
             return await _error_json(413, message, None)(scope, receive, send)
-        received = 0
+        received, complete, deadline = 0, False, anyio.current_time() + self.timeout_s
 
-        async def counted():  # a chunked body declares no length
-            nonlocal received
-            event = await receive()
+        async def guarded():  # a chunked body declares no length
+            nonlocal received, complete
+            if complete:  # after the body: the wait for a disconnect has no deadline
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()) as scope_:
+                event = await receive()
+            if scope_.cancelled_caught:
+                raise StarletteHTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s (http.body_timeout_s)", headers={"Connection": "close"})
             received += len(event.get("body", b""))
+            complete = event["type"] != "http.request" or not event.get("more_body", False)
             if received > self.max_bytes:
                 raise StarletteHTTPException(413, message)  # FastAPI passes it to the app's handler
             return event
 
-        await self.app(scope, counted, send)
+        await self.app(scope, guarded, send)
 
 
 # --- the server --------------------------------------------------------------------------
 
 
-def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None = None) -> tuple[uvicorn.Server, int]:
+def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None = None, connections: Connections = Connections()) -> tuple[uvicorn.Server, int]:
     """Serve ``app`` on host:port (0: any free port) from a daemon thread, over TLS with
-    ``tls_files`` (cert, key PEM paths); returns the server (``should_exit = True`` stops it)
-    and the bound port."""
+    ``tls_files`` (cert, key PEM paths), with ``connections``' timeouts and cap; returns the
+    server (``should_exit = True`` stops it) and the bound port."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # gateway replicas on one node share the port, as gRPC's does
     sock.bind((host, port))
     cert, key = tls_files or (None, None)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, ssl_certfile=cert, ssl_keyfile=key))
+    config = uvicorn.Config(
+        app,
+        http=connections.http_protocol(),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=connections.keep_alive_s,
+        limit_concurrency=connections.max_connections,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="eft-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -4,6 +4,7 @@ import grpc
 
 from eft_core import EFTError, InvalidArgumentError
 from services.errors import aborts_on_errors, status_of
+from services.gateway.connections import Connections
 from services.gateway.gateway import Gateway
 from services.grpc_server import start_grpc_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
@@ -80,7 +81,7 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
 SPARE_THREADS = 16  # beyond the streams the scheduler admits: health checks, listings, refusals
 
 
-def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Security = Security()) -> tuple[grpc.Server, int]:
+def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Security = Security(), connections: Connections = Connections()) -> tuple[grpc.Server, int]:
     """A started EFTService server with health (SERVING) and reflection, TLS and a bearer
     token if ``security`` asks; returns it and its port.
 
@@ -98,6 +99,7 @@ def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Secu
         credentials=security.grpc_credentials(),
         interceptors=security.grpc_interceptors(),
         health_of=lambda: health_service_names(gateway.health()),
+        options=connections.grpc_options(),
     )
 
 
