@@ -43,7 +43,7 @@ def build_app(config: ServeConfig | dict) -> Application:
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})
     gateway_options = {"num_cpus": config.gateway_num_cpus, "num_gpus": config.gateway_num_gpus, "resources": dict(config.gateway_resources), "runtime_env": {"env_vars": COORDINATOR_ENV}}
-    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=config.gateway_replicas, ray_actor_options=gateway_options)
+    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=config.gateway_replicas, ray_actor_options=gateway_options, graceful_shutdown_timeout_s=config.drain_timeout_s + DRAIN_MARGIN_S)
     return gateway.bind(config.model_dump(), workers)
 
 

@@ -79,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration (default: the demo family, built if absent, with its compositions; `upscaled` is the default). Serves until Ctrl-C.",
     )
     serve.add_argument("--config", type=Path, help="YAML serving configuration (see README); default: the demo family")
-    serve.add_argument("--grpc-port", type=int, default=None, help="public gRPC port (default: the config's, 50051)")
-    serve.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default: the config's, 8000)")
-    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus scrape port, /metrics (default: the config's, 9464)")
+    serve.add_argument("--grpc-port", type=_port, default=None, help="public gRPC port (default: the config's, 50051)")
+    serve.add_argument("--http-port", type=_port, default=None, help="OpenAI-compatible HTTP port (default: the config's, 8000)")
+    serve.add_argument("--metrics-port", type=_port, default=None, help="Prometheus scrape port, /metrics (default: the config's, 9464)")
     where = serve.add_mutually_exclusive_group()
-    where.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
+    where.add_argument("--num-cpus", type=_positive, default=None, help="CPUs for the local Ray cluster (default: all)")
     where.add_argument(
         "--address", default=None, metavar="auto|HOST:PORT",
         help="attach to a running Ray cluster instead of starting one: auto (the one this machine runs, e.g. after `ray start --head`) "
@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="per-request delta weight (repeatable)")
     generate.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 1)")
     generate.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
-    generate.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    generate.add_argument("--max-tokens", type=int, default=0, help="tokens at most (default: the server's)")
+    generate.add_argument("--seed", type=_bounded(0, 2**64 - 1), default=None, help="same seed, same output (0 to 2^64 - 1)")
+    generate.add_argument("--max-tokens", type=_bounded(0, 2**31 - 1), default=0, help="tokens at most (default: the server's)")
     generate.add_argument("--speculate", default="default", metavar="K|auto|off", help="drafts per step, auto (adaptive) or off (default: the server's)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--json", action="store_true", help="print the final response as one JSON object")
@@ -110,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("compositions", help="list a running server's compositions")
     _connection_arguments(listing)
     listing.set_defaults(run=_compositions)
+
+    drain = commands.add_parser(
+        "drain",
+        help="drain the gateway on this machine (a pod's preStop hook)",
+        description="Ask the gateway whose scrape port is PORT on 127.0.0.1 to drain: health turns NOT_SERVING, new requests are "
+        "refused with UNAVAILABLE / 503, and this waits until its running requests have finished (or --timeout passes).",
+    )  # fmt: skip
+    drain.add_argument("--metrics-port", type=_port, default=9464, help="the gateway's scrape port (default: %(default)s)")
+    drain.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default: %(default)s, the default drain_timeout_s)")
+    drain.set_defaults(run=_drain)
     return parser
 
 
@@ -124,6 +134,20 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    return _bounded(0, 65535)(text)
 
 
 def _positive(text: str) -> int:
@@ -173,6 +197,12 @@ def _generate(args) -> int:
     from cluster.client import generate_command
 
     return generate_command(args)
+
+
+def _drain(args) -> int:
+    from cluster.client import drain_command
+
+    return drain_command(args.metrics_port, args.timeout)
 
 
 def _compositions(args) -> int:

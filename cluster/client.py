@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import grpc
 
@@ -123,3 +124,32 @@ def compositions_command(args) -> int:
         default = "  (default)" if c.name == listing.default_composition else ""
         print(f"{c.name}: {c.base} {deltas}".rstrip() + (f"; drafter {c.drafter}" if c.drafter else "") + default)
     return 0
+
+
+def drain_command(metrics_port: int, timeout_s: float) -> int:
+    """Ask the local gateway to drain (services.security.DRAIN_PATH) until it says drained."""
+    import urllib.error
+    import urllib.request
+
+    from services.security import DRAIN_PATH
+
+    url, deadline, said = f"http://127.0.0.1:{metrics_port}{DRAIN_PATH}", time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                status, text = reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        except OSError as error:  # nothing listens: no gateway here (any more)
+            print(f"no gateway answers on {url}: {error}; nothing to drain", flush=True)
+            return 0
+        if text != said:
+            print(text, flush=True)
+            said = text
+        if status == 200:
+            return 0
+        if status != 202:
+            return 1
+        time.sleep(0.5)
+    print(f"still draining after {timeout_s:g} s", flush=True)
+    return 1

@@ -158,6 +158,7 @@ class ServeConfig(_Strict):
     )
     worker_prefill_tokens_per_s: float = Field(CallPolicy.prefill_tokens_per_s, gt=0, description="the slowest prefill a healthy worker keeps up: a call sending N tokens gets worker_call_timeout_s + N / this")
     gateway_replicas: int = Field(1, ge=1, description="gateway/coordinator replicas serving the public API; each places its requests by the workers' own reported load. Replicas on one node share the public ports (SO_REUSEPORT: the kernel spreads connections); on Kubernetes each gateway pod serves them behind the chart's Services")
+    drain_timeout_s: float = Field(300.0, gt=0, description="a gateway replica being stopped (SIGTERM through `eft drain`, a redeploy, scaling in) turns health NOT_SERVING, refuses new requests with UNAVAILABLE / 503 and lets the admitted ones finish, up to this long")
     gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for each gateway/coordinator replica")
     gateway_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the gateway/coordinator replica (for decide_device cuda)")
     decide_device: Literal["cpu", "cuda"] = Field("cpu", description="where the coordinator combines, filters, samples and accepts: cuda moves each iteration's logits to the gateway replica's GPU (needs gateway_num_gpus > 0)")

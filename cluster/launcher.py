@@ -61,15 +61,15 @@ def start_local(config: ServeConfig, num_cpus: int | None = None, address: str |
 
 
 def stop_local(attached: bool = False) -> None:
-    """Stop the application: an attached cluster keeps running (and its Serve, for other
+    """Stop the application, each gateway draining its requests first (up to its
+    drain_timeout_s): an attached cluster keeps running (and its Serve, for other
     applications) with this application deleted; a local one stops."""
     import ray
     from ray import serve
 
     from cluster.app import APP_NAME
 
-    if attached:
-        serve.delete(APP_NAME)
-    else:
+    serve.delete(APP_NAME)  # waits for the replicas' drains (serve.shutdown would kill them after 30 s)
+    if not attached:
         serve.shutdown()
     ray.shutdown()

@@ -11,6 +11,7 @@ cluster/app.py turns them into deployments).
 
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -27,7 +28,7 @@ from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.prompts import composition_vocab_sizes
-from services.security import HEALTHZ_PATH, Security
+from services.security import DRAIN_PATH, HEALTHZ_PATH, Security
 from services.wire import DTYPE_NAMES
 from services.worker.client import info_or_none, model_contexts
 from services.worker.server import create_server as create_worker_server
@@ -143,7 +144,7 @@ class GatewayReplica:
         self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
         gateway = Gateway(compositions, tokenizers, contexts, self.scheduler, config.default_composition, gateway_limits, metrics)
-        self.metrics = metrics
+        self.metrics, self.gateway, self.drain_timeout_s, self.drained = metrics, gateway, config.drain_timeout_s, False
         metrics.add_state(scheduler_state(self.scheduler))
         metrics.add_state(worker_state(self.directory.labelled_clients, engine.health.is_ejected))
         tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
@@ -151,7 +152,7 @@ class GatewayReplica:
         connections = Connections(**config.connections.model_dump())
         self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security, connections)
         self.http_server, http_port = start_http_server(create_app(gateway, security, connections), config.host, config.http_port, tls, connections)
-        self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port, {HEALTHZ_PATH: gateway.healthz})
+        self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port, {HEALTHZ_PATH: gateway.healthz}, {DRAIN_PATH: self._drain_step})
         scheme = "https" if tls else "http"
         self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"{scheme}://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}
         log.info("EFT Serve endpoints %s, workers %s", self.endpoints_, self.directory.addresses())
@@ -174,6 +175,25 @@ class GatewayReplica:
     def requests_by_code(self) -> dict[str, float]:
         """Requests this gateway answered, by final status code (which gateways serve)."""
         return {s.labels["code"]: s.value for family in self.metrics.requests.collect() for s in family.samples if s.name.endswith("_total")}
+
+    def __del__(self):
+        """Ray Serve is stopping this replica (scaling in, a redeploy, the application's
+        deletion): drain, then close the public ports. Once; none for a failed constructor."""
+        if not getattr(self, "drained", True):
+            self.drained = True
+            finished, left = self.gateway.drain(self.drain_timeout_s)
+            log.info("gateway drained: %d requests finished, %d cut after %.0f s", finished, left, self.drain_timeout_s)
+            self.grpc_server.stop(grace=1.0)
+            self.http_server.should_exit = True
+            self.metrics_server.shutdown()
+
+    def _drain_step(self) -> tuple[int, str]:
+        """``eft drain`` (a pod's preStop hook) asks this until it answers 200: the first ask
+        starts the drain; 202 while requests run."""
+        if not self.gateway.draining:
+            threading.Thread(target=self.gateway.drain, args=(self.drain_timeout_s,), name="eft-drain", daemon=True).start()
+        running = self.gateway.admitted()
+        return (202, f"draining: {running} requests running") if running else (200, "drained")
 
     def check_health(self) -> None:
         """Ray Serve restarts this replica when its scheduler loop died; workers out of

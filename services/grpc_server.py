@@ -26,12 +26,14 @@ def start_grpc_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     health_of: Callable[[], Mapping[str, bool]] | None = None,
     options: Sequence[tuple[str, int]] = (),
+    health_changed: threading.Event | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started server; returns it and the bound port (``address`` may ask for port 0).
     ``credentials``: TLS (plaintext without); ``interceptors``: e.g. the bearer-token check.
     ``health_of``: serving or not per health service name, asked every HEALTH_REFRESH_S
     while the server runs (without it, "" and ``service_name`` report SERVING). ``options``:
-    more channel arguments (keepalive, connection age)."""
+    more channel arguments (keepalive, connection age). ``health_changed``: set it to have
+    health asked again at once (a drain turns NOT_SERVING without waiting for the refresh)."""
     options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes), *options]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, interceptors=list(interceptors))
     add_servicers(server)
@@ -46,12 +48,13 @@ def start_grpc_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if health_of is not None:
         _report(health_servicer, health_of)
-        threading.Thread(target=_follow_health, args=(server, health_servicer, health_of), name="grpc-health", daemon=True).start()
+        threading.Thread(target=_follow_health, args=(server, health_servicer, health_of, health_changed or threading.Event()), name="grpc-health", daemon=True).start()
     return server, port
 
 
-def _follow_health(server: grpc.Server, servicer: health.HealthServicer, health_of) -> None:
-    while server.wait_for_termination(timeout=HEALTH_REFRESH_S):  # True: it timed out, the server still runs
+def _follow_health(server: grpc.Server, servicer: health.HealthServicer, health_of, changed: threading.Event) -> None:
+    while changed.wait(HEALTH_REFRESH_S) or server.wait_for_termination(timeout=0):  # True: it timed out, the server still runs
+        changed.clear()
         try:
             _report(servicer, health_of)
         except Exception:  # a health report must never kill its thread

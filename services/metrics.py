@@ -94,12 +94,14 @@ class ServingMetrics:
         for composition, received in bytes_by_composition.items():
             self.wire_bytes.labels(composition).inc(received)
 
-    def serve(self, host: str, port: int, routes: dict[str, Callable[[], tuple[int, str]]] | None = None) -> tuple[object, int]:
+    def serve(self, host: str, port: int, routes: dict[str, Callable[[], tuple[int, str]]] | None = None, local_routes: dict[str, Callable[[], tuple[int, str]]] | None = None) -> tuple[object, int]:
         """Start the scrape endpoint (``/metrics``) in a thread; returns the server and its
         port. ``routes``: plain-text answers (status, text) on other paths of this port, which
         has no TLS: KubeRay's health check reaches the gateway here when the public ports
-        have TLS on."""
-        server = make_server(host, port, _routed(make_wsgi_app(self.registry), routes or {}), _SharedPortServer, handler_class=_QuietHandler)
+        have TLS on. ``local_routes``: the same, answered to loopback clients only (403 to
+        others): commands for the pod's own hooks."""
+        app = _routed(make_wsgi_app(self.registry), routes or {}, local_routes or {})
+        server = make_server(host, port, app, _SharedPortServer, handler_class=_QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server, server.server_port
 
@@ -113,11 +115,14 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _routed(metrics_app, routes: dict[str, Callable[[], tuple[int, str]]]):
+def _routed(metrics_app, routes: dict[str, Callable[[], tuple[int, str]]], local_routes: dict[str, Callable[[], tuple[int, str]]]):
     def app(environ, start_response):
-        answer = routes.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        answer = routes.get(path) or local_routes.get(path)
         if answer is None:
             return metrics_app(environ, start_response)
+        if path in local_routes and environ.get("REMOTE_ADDR") not in ("127.0.0.1", "::1"):
+            answer = lambda: (403, "loopback only")  # noqa: E731
         status, text = answer()
         start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", "text/plain; charset=utf-8")])
         return [text.encode()]

@@ -13,6 +13,7 @@ import grpc
 
 OPEN_GRPC_METHODS = ("/grpc.health.v1.Health/",)
 HEALTHZ_PATH = "/-/healthz"  # Ray Serve's proxy health path, which KubeRay polls
+DRAIN_PATH = "/-/drain"  # on the scrape port, from loopback only: `eft drain` in the pod
 OPEN_HTTP_PATHS = ("/health", HEALTHZ_PATH, "/metrics")
 
 

@@ -3,6 +3,7 @@ the request metrics. Every transport (gRPC, HTTP) goes through ``Gateway.generat
 
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -53,6 +54,7 @@ class Gateway:
         self.default_composition, self.limits = default_composition, limits
         self.metrics = metrics or ServingMetrics()
         self.draining = False  # set by drain(): health turns NOT_SERVING, new requests UNAVAILABLE
+        self.health_changed = threading.Event()  # the gRPC health service asks again when set
         self.longest_token = {name: longest_token_chars(t) for name, t in self.tokenizers.items()}
 
     def list_compositions(self) -> eft_pb2.ListCompositionsResponse:
@@ -86,12 +88,16 @@ class Gateway:
         and queued) to end; returns (finished, still running). Health reports NOT_SERVING from
         the first moment, so load balancers and probes turn away before the wait."""
         self.draining = True
-        admitted = sum(self.scheduler.counts)
+        self.health_changed.set()
+        admitted = self.admitted()
         deadline = time.monotonic() + timeout_s
-        while sum(self.scheduler.counts) and time.monotonic() < deadline:
+        while self.admitted() and time.monotonic() < deadline:
             time.sleep(poll_s)
-        left = sum(self.scheduler.counts)
-        return admitted - left, left
+        return admitted - self.admitted(), self.admitted()
+
+    def admitted(self) -> int:
+        """Requests running or queued."""
+        return sum(self.scheduler.counts)
 
     def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
         """Validate everything once; errors name the field."""

@@ -100,6 +100,7 @@ def create_server(gateway: Gateway, address: str = "127.0.0.1:0", security: Secu
         interceptors=security.grpc_interceptors(),
         health_of=lambda: health_service_names(gateway.health()),
         options=connections.grpc_options(),
+        health_changed=gateway.health_changed,
     )
 
 

@@ -23,11 +23,12 @@ import grpc
 import psutil
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import demo_config
 from eft_core import SamplingParams
-from services.pb.eft.v1 import eft_pb2_grpc
-from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, free_ports, wait_for
+from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, free_ports, sessions_held, wait_for
 
 BIN = Path(sys.executable).parent
 # Ray refuses a second node on 127.0.0.1 (it resolves it to the machine's address) and in its
@@ -316,12 +317,44 @@ def _long_streams_through(event, address: str, questions: list[str]) -> dict[int
     return outcomes
 
 
-def test_ctrl_c_deletes_the_application_and_leaves_the_cluster_running(cluster):
-    """`eft serve --address` attached to a cluster it did not start: Ctrl-C deletes its
-    application and leaves the cluster, and its Serve, running."""
-    *_, serving, port = cluster
-    serving.send_signal(signal.SIGINT)
+def test_sigterm_drains_the_streams_then_deletes_the_application_and_leaves_the_cluster(cluster, oracle, quick_family):
+    """SIGTERM to `eft serve` (attached to a cluster it did not start) during 4 long streams:
+    the gateway's health turns NOT_SERVING while they run and a new request is refused
+    UNAVAILABLE; all 4 finish with their whole output; then the application is gone and the
+    cluster, and its Serve, keep running."""
+    deployment, _, serving, port = cluster
+    questions = _questions(quick_family)
+    flipped, refused, ended = [], [], {}
+
+    def stream(i: int) -> None:
+        request = chat(questions[i], temperature=0.0, max_tokens=LONG, ignore_eos=True)
+        request.speculation.mode = eft_pb2.SPECULATION_MODE_OFF  # a token per step: the streams outlast the flip
+        with own_connection(deployment.address) as channel:
+            tokens = [t for chunk in eft_pb2_grpc.EFTServiceStub(channel).GenerateStream(request, timeout=180) for t in chunk.token_ids]
+        ended[i] = (time.monotonic(), tokens)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: sessions_held(deployment) >= 4 * 3, 60, "the 4 streams running")  # each holds the base and the pair sessions
+    serving.send_signal(signal.SIGTERM)
+    with own_connection(deployment.address) as channel:
+        health, deadline = health_pb2_grpc.HealthStub(channel), time.monotonic() + 60
+        while not flipped and time.monotonic() < deadline:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                flipped.append(time.monotonic())
+            time.sleep(0.05)
+        try:
+            eft_pb2_grpc.EFTServiceStub(channel).Generate(chat(questions[0], max_tokens=4), timeout=30)
+        except grpc.RpcError as error:
+            refused.append(error.code())
+    for thread in threads:
+        thread.join(timeout=180)
     assert serving.wait(timeout=120) == 0
+    print(f"drain: health NOT_SERVING {min(t for t, _ in ended.values()) - flipped[0]:.1f} s before the first of 4 streams ended; a new request {refused}")
+    assert flipped[0] < min(t for t, _ in ended.values())  # health first
+    assert refused == [grpc.StatusCode.UNAVAILABLE]
+    assert [ended[i][1] for i in range(4)] == [_expected(oracle, questions[i], LONG, ignore_eos=True) for i in range(4)]  # whole and exact
     listed = subprocess.run(
         [sys.executable, "-c", f"import ray; from ray import serve; ray.init(address='{HEAD_IP}:{port}', log_to_driver=False); print(sorted(serve.status().applications))"],
         capture_output=True, text=True, timeout=120, env=ENV,

@@ -336,3 +336,18 @@ def test_more_gateways_run_on_gateway_pods_behind_the_same_services():
     assert all(sel["eft-serve/gateway"] == "true" and "eft-serve/role" not in sel for sel in selectors)
     with pytest.raises(helm_python.HelmError, match="serve.gateway_replicas 2 needs as many pods offering eft-gateway: .* at most 1"):
         render({"serve": {**VALUES["serve"], "gateway_replicas": 2}})
+
+
+def test_gateway_pods_drain_before_they_stop():
+    """Kubelet runs a container's preStop hook before SIGTERM, which stops Ray (and every
+    replica) at once: each pod that hosts a gateway runs `eft drain` against its own scrape
+    port first, and its grace period covers the drain's timeout; model-only pods do not."""
+    (rayservice,) = by_kind(render({**VARIANTS["gateways"], "serve": {**VARIANTS["gateways"]["serve"], "drain_timeout_s": 120}}), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}
+    for pod in (cluster["headGroupSpec"]["template"]["spec"], groups["gateways"]):
+        assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == ["eft", "drain", "--metrics-port", "9464", "--timeout", "120"]
+        assert pod["terminationGracePeriodSeconds"] == 150
+    assert "lifecycle" not in groups["workers"]["containers"][0] and "terminationGracePeriodSeconds" not in groups["workers"]
+    _, config = serve_config(rayservice)
+    assert config.drain_timeout_s == 120

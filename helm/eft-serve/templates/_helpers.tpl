@@ -128,3 +128,16 @@ whole numbers in full (YAML reads 1000000000 as a float, which would print 1e+09
   secret: {secretName: {{ .Values.auth.secretName }}}
 {{- end }}
 {{- end -}}
+
+{{/* A gateway pod's drain on deletion: kubelet runs the preStop hook before it sends SIGTERM
+(which stops Ray at once), and the grace period covers the hook's wait. */}}
+{{- define "eft-serve.gatewayLifecycle" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["eft", "drain", "--metrics-port", {{ .Values.ports.metrics | toString | quote }}, "--timeout", {{ .Values.serve.drain_timeout_s | toString | quote }}]
+{{- end -}}
+
+{{- define "eft-serve.gatewayGracePeriod" -}}
+terminationGracePeriodSeconds: {{ add (int .Values.serve.drain_timeout_s) 30 }}
+{{- end -}}

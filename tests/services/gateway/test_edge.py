@@ -264,3 +264,25 @@ def test_grpc_connections_are_aged_out(edge):
         assert grpc.ChannelConnectivity.READY in states and states[-1] != grpc.ChannelConnectivity.READY, states  # the server sent GOAWAY
     finally:
         server.stop(grace=None)
+
+
+def test_a_drain_turns_health_off_refuses_new_requests_and_waits_for_the_running(edge, oracle, quick_family):
+    url, gateway, workers = edge
+    load, drained = {}, {}
+    try:
+        with workers[0].lock:  # the streams cannot end before the drain has begun
+            client = threading.Thread(target=lambda: load.update(results=_load(url, 4, _chat(quick_family))))
+            client.start()
+            _wait_until(lambda: gateway.admitted() == 4, 30)
+            drainer = threading.Thread(target=lambda: drained.update(counts=gateway.drain(60)))
+            drainer.start()
+            _wait_until(lambda: gateway.draining)
+            assert requests.get(url + "/health", timeout=1).json()["status"] == "draining"
+            refused = requests.post(url + "/v1/chat/completions", json=_chat(quick_family), timeout=5)
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+        drainer.join(60)
+        client.join(60)
+        assert drained["counts"] == (4, 0)
+        assert [r.get("text") for r in load["results"]] == [_greedy(oracle, quick_family)] * 4
+    finally:
+        gateway.draining = False
