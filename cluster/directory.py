@@ -25,10 +25,12 @@ LOAD_REPORT_S = 1.0  # how often each replica is asked for its load (a short Inf
 
 
 class WorkerDirectory:
-    def __init__(self, engine: Engine, groups: dict[str, list[str]], handles: dict):
-        """``groups``: each worker group's models; ``handles``: its deployment handle."""
-        self.engine, self.groups, self.handles = engine, groups, handles
+    def __init__(self, engine: Engine, groups: dict[str, list[str]], handles: dict, token: str | None = None):
+        """``groups``: each worker group's models; ``handles``: its deployment handle;
+        ``token``: the workers' credential."""
+        self.engine, self.groups, self.handles, self.token = engine, groups, handles, token
         self.clients: dict[str, dict[str, GrpcWorkerClient]] = {group: {} for group in groups}  # group -> address -> client
+        self.seen = dict.fromkeys(groups, 0)  # replicas each group has had: the next one's index
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -40,8 +42,8 @@ class WorkerDirectory:
         self.tasks = [loop.create_task(self._refresh_forever()), loop.create_task(self._report_loads_forever())]
 
     def labelled_clients(self) -> dict[str, GrpcWorkerClient]:
-        """Every known replica's client, labelled ``group@address`` (for metrics)."""
-        return {f"{group}@{address}": client for group, clients in self.clients.items() for address, client in clients.items()}
+        """Every known replica's client by its label, ``group/index`` (metrics show no address)."""
+        return {client.label: client for clients in self.clients.values() for client in clients.values()}
 
     def addresses(self) -> dict[str, list[str]]:
         return {group: sorted(clients) for group, clients in self.clients.items()}
@@ -72,10 +74,14 @@ class WorkerDirectory:
     def _update(self, group: str, addresses: set[str]) -> None:
         current = self.clients[group]
         kept = {a: c for a, c in current.items() if a in addresses}
-        added = {a: GrpcWorkerClient(a) for a in addresses - set(current)}
+        added = {a: self._client(group, a) for a in sorted(addresses - set(current))}
         self.clients[group] = {**kept, **added}  # a dropped client closes when its last request lets go of it
         self.engine.set_replicas(group, list(self.clients[group].values()))
         log.info("worker group %r: replicas %s (added %s, removed %s)", group, sorted(addresses), sorted(added), sorted(set(current) - addresses))
+
+    def _client(self, group: str, address: str) -> GrpcWorkerClient:
+        index, self.seen[group] = self.seen[group], self.seen[group] + 1
+        return GrpcWorkerClient(address, token=self.token, label=f"{group}/{index}")
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -11,6 +11,7 @@ cluster/app.py turns them into deployments).
 
 import logging
 import os
+import secrets
 import threading
 import time
 
@@ -41,6 +42,20 @@ log = logging.getLogger(__name__)
 ABANDONED_WHILE_DRAINING_S = 30.0
 
 
+def worker_token() -> str:
+    """The credential coordinators present to workers: made once per Ray cluster and kept in
+    its GCS key-value store, which only the cluster's own processes reach (Ray's token auth
+    guards it where on), so every replica of every redeploy agrees without it passing
+    through the config. The first replica to ask makes it; the others read that one."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(WORKER_TOKEN_KEY, secrets.token_urlsafe(32), overwrite=False, namespace=KV_NAMESPACE)
+    return internal_kv._internal_kv_get(WORKER_TOKEN_KEY, namespace=KV_NAMESPACE).decode()
+
+
+WORKER_TOKEN_KEY, KV_NAMESPACE = "worker-token", "eft-serve"
+
+
 def node_address() -> str:
     import ray
 
@@ -64,7 +79,7 @@ class WorkerReplica:
         self.stall_timeout_s, self.drain_timeout_s = group.stall_timeout_s, group.drain_timeout_s
         self.abandoned_after_s = min(group.session_idle_timeout_s, ABANDONED_WHILE_DRAINING_S)
         host = node_address()
-        self.server, port = create_worker_server(self.worker, f"{host}:0")
+        self.server, port = create_worker_server(self.worker, f"{host}:0", token=worker_token())
         self.address_ = f"{host}:{port}"
         self.drained = False
         log.info("worker group %r serving %s on %s", group.name, group.models, self.address_)
@@ -137,7 +152,7 @@ class GatewayReplica:
         compositions = {c.name: c.composition() for c in config.compositions}
         metrics = ServingMetrics()
         engine = Engine({g.name: ReplicaPool(tuple(g.models)) for g in config.worker_groups}, composition_vocab_sizes(compositions.values(), tokenizers), metrics=metrics, calls=config.call_policy(), device=_decide_device(config.decide_device))
-        self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers)
+        self.directory = WorkerDirectory(engine, {g.name: g.models for g in config.worker_groups}, workers, worker_token())
         await self.directory.start()
         contexts = model_contexts(client for clients in self.directory.clients.values() for client in clients.values())
         limits = config.limits

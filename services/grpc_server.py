@@ -27,14 +27,17 @@ def start_grpc_server(
     health_of: Callable[[], Mapping[str, bool]] | None = None,
     options: Sequence[tuple[str, int]] = (),
     health_changed: threading.Event | None = None,
+    max_receive_bytes: int | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started server; returns it and the bound port (``address`` may ask for port 0).
     ``credentials``: TLS (plaintext without); ``interceptors``: e.g. the bearer-token check.
     ``health_of``: serving or not per health service name, asked every HEALTH_REFRESH_S
     while the server runs (without it, "" and ``service_name`` report SERVING). ``options``:
     more channel arguments (keepalive, connection age). ``health_changed``: set it to have
-    health asked again at once (a drain turns NOT_SERVING without waiting for the refresh)."""
-    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes), *options]
+    health asked again at once (a drain turns NOT_SERVING without waiting for the refresh).
+    ``max_receive_bytes``: a smaller limit for requests than for responses."""
+    received = max_receive_bytes or max_message_bytes
+    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", received), *options]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options, interceptors=list(interceptors))
     add_servicers(server)
     health_servicer = health.HealthServicer()

@@ -2,7 +2,8 @@
 call must carry (``authorization: Bearer <token>``, compared in constant time).
 
 The gRPC health service stays open (Kubernetes probes send no token); so do ``/health``,
-``/-/healthz`` (KubeRay's check) and ``/metrics`` on HTTP. The scrape port has neither TLS nor token: keep it inside the cluster.
+``/-/healthz`` (KubeRay's check) on HTTP. The scrape port has neither TLS nor token: keep
+it inside the cluster (the chart's NetworkPolicy does).
 """
 
 import hmac
@@ -14,7 +15,7 @@ import grpc
 OPEN_GRPC_METHODS = ("/grpc.health.v1.Health/",)
 HEALTHZ_PATH = "/-/healthz"  # Ray Serve's proxy health path, which KubeRay polls
 DRAIN_PATH = "/-/drain"  # on the scrape port, from loopback only: `eft drain` in the pod
-OPEN_HTTP_PATHS = ("/health", HEALTHZ_PATH, "/metrics")
+OPEN_HTTP_PATHS = ("/health", HEALTHZ_PATH)  # /metrics on the public port needs the token: the scrape port serves it open
 
 
 @dataclass(frozen=True)

@@ -519,7 +519,7 @@ def _nbytes(answer) -> int:
 
 
 def _name(client: WorkerClient) -> str:
-    return getattr(client, "address", "in-process")
+    return getattr(client, "label", "in-process")  # not its address: labels and messages reach clients and scrapes
 
 
 def _no_replica(model: str, group: str, pool: ReplicaPool, health: ReplicaHealth) -> str:

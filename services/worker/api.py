@@ -119,6 +119,12 @@ class WorkerLimits:
     max_cached_tokens: int = 1 << 20  # token slots over all models' caches: per model, its sessions x its longest session
     max_forward_tokens: int = 8192  # positions per forward, padding included: longer prefills are chunked
 
+    def largest_request_bytes(self) -> int:
+        """The largest Extend or Draft request a coordinator can make of such a worker: every
+        token it sends must fit the cache (at most 5 bytes each as varints), plus each
+        session's framing; the worker's receive limit, where gRPC's would be 512 MiB."""
+        return self.max_cached_tokens * 5 + self.max_sessions * 1024 + (64 << 10)
+
     def flags(self) -> list[str]:
         """As the worker CLI takes them (a tensor-parallel rank 0 starts its followers with these)."""
         return [f"--{name.replace('_', '-')}={value}" for name, value in vars(self).items()]

@@ -103,9 +103,12 @@ class CallTiming:
 class GrpcWorkerClient:
     """Calls a worker over gRPC; failed calls raise the project's error types."""
 
-    def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None, label: str | None = None):
+        """``token``: the workers' credential (services.worker.server.create_server); ``label``:
+        how metrics and errors name this replica (default: its address)."""
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-        self.address = address
+        self.address, self.label = address, label or address
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timing = {"extend": CallTiming(), "draft": CallTiming()}
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
@@ -145,7 +148,7 @@ class GrpcWorkerClient:
 
     def _start(self, method: str, request, timeout: float | None = None) -> "_GrpcCall":
         rpc, _, decode = self._methods[method]
-        return _GrpcCall(self._callers.submit(_timed, rpc, request, timeout or self.timeout), decode, self.timing[method])
+        return _GrpcCall(self._callers.submit(_timed, rpc, request, timeout or self.timeout, self.metadata), decode, self.timing[method])
 
     def truncate(self, session_id, model, length):
         request = worker_pb2.TruncateRequest(session_id=session_id, model=model, length=length)
@@ -156,16 +159,16 @@ class GrpcWorkerClient:
 
     def _call(self, method, request, timeout=None):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
 
-def _timed(rpc, request, timeout: float) -> tuple[bytes, float]:
+def _timed(rpc, request, timeout: float, metadata) -> tuple[bytes, float]:
     """The call's raw answer, and its own wall time (not the wait for a free thread, nor for
     the caller to collect it)."""
     started = time.perf_counter()
-    return rpc(request, timeout=timeout), time.perf_counter() - started
+    return rpc(request, timeout=timeout, metadata=metadata), time.perf_counter() - started
 
 
 class _GrpcCall:

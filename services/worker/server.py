@@ -20,6 +20,7 @@ from eft_core import EFTError
 from services.errors import aborts_on_errors
 from services.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, start_grpc_server
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
+from services.security import Security
 from services.wire import DTYPE_NAMES, wire_dtype
 from services.worker import convert
 from services.worker.api import WorkerLimits
@@ -61,13 +62,18 @@ def _timed(respond):
     return response
 
 
-def create_server(worker: ModelWorker, address: str = "127.0.0.1:0", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """A started server with the worker, grpc.health.v1 (SERVING) and reflection; returns the bound port."""
+def create_server(worker: ModelWorker, address: str = "127.0.0.1:0", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None) -> tuple[grpc.Server, int]:
+    """A started server with the worker, grpc.health.v1 (SERVING) and reflection; returns the
+    bound port; it receives no request larger than the worker's limits allow a call to be.
+    ``token``: every call but health's must carry it (``authorization: Bearer``),
+    else UNAUTHENTICATED: the served application's coordinators hold it, nobody else."""
     return start_grpc_server(
         lambda server: worker_pb2_grpc.add_ModelWorkerServicer_to_server(ModelWorkerServicer(worker), server),
         SERVICE_NAME,
         address,
         max_message_bytes,
+        interceptors=Security(token=token).grpc_interceptors(),
+        max_receive_bytes=min(max_message_bytes, worker.limits.largest_request_bytes()),
     )
 
 

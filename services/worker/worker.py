@@ -72,6 +72,7 @@ def _load_whole(source: str, dtype: torch.dtype) -> torch.nn.Module:
 class ModelWorker:
     def __init__(self, models: list[HostedModel], limits: WorkerLimits = WorkerLimits()):
         self.models = {m.name: m for m in models}
+        self.limits = limits
         self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens)
         self.slots = {m.name: SessionSlots(m.model, limits.max_forward_tokens) for m in models}
         self.lock = threading.Lock()  # one call at a time: caches are shared state

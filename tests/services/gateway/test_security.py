@@ -95,6 +95,8 @@ def test_http_needs_the_token_and_the_openai_client_sends_it(secured):
             reply = http.get(secured["http"] + "/v1/models", headers=header)
             assert reply.status_code == 401 and message in reply.json()["error"]["message"]
         assert http.get(secured["http"] + "/health").status_code == 200
+        assert http.get(secured["http"] + "/metrics").status_code == 401  # open on the scrape port only
+        assert http.get(secured["http"] + "/metrics", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
         client = openai.OpenAI(base_url=secured["http"] + "/v1", api_key=TOKEN, http_client=http, max_retries=0)
         reply = client.completions.create(model="upscaled", prompt="the capital of", temperature=0, max_tokens=4)
         assert reply.usage.completion_tokens > 0

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.pb.eft.v1 import worker_pb2, worker_pb2_grpc
-from eft_core import ResourceExhaustedError
+from eft_core import EFTError, ResourceExhaustedError
 from services.worker.api import ExtendItem
 from services.worker.client import GrpcWorkerClient
 from services.worker.server import SERVICE_NAME, create_server
@@ -63,6 +63,25 @@ def test_raw_bad_requests_get_precise_statuses(address):
         assert stub.Info(worker_pb2.InfoRequest(), timeout=10).sessions == 1
 
 
+def test_a_worker_with_a_token_refuses_calls_without_it(worker):
+    server, port = create_server(worker, "127.0.0.1:0", token="deployment-secret")
+    address = f"127.0.0.1:{port}"
+    try:
+        for stranger in (GrpcWorkerClient(address), GrpcWorkerClient(address, token="guess")):
+            with pytest.raises(EFTError) as refused:
+                stranger.extend([ExtendItem("s", "large", [1, 2, 3])])
+            assert str(refused.value).startswith("UNAUTHENTICATED: "), refused.value  # the worker's status
+            with pytest.raises(EFTError, match="bearer token"):
+                stranger.info()
+        assert worker.sessions_held() == 0  # nothing ran
+        (extended,) = GrpcWorkerClient(address, token="deployment-secret").extend([ExtendItem("s", "large", [1, 2, 3])])
+        assert extended.cache_length == 3
+        with grpc.insecure_channel(address) as channel:  # health stays open to probes
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(grace=None)
+
+
 def test_a_message_limit_sized_for_the_logits(worker):
     server, port = create_server(worker, "127.0.0.1:0", max_message_bytes=1000)
     try:
@@ -101,3 +120,15 @@ def test_a_bad_idle_timeout_is_refused_before_loading():
     process = start_worker("--model", "x=/nowhere", "--session-idle-timeout", "0")
     output = finished_output(process, timeout=60)
     assert process.returncode == 2 and "--session-idle-timeout must be > 0, got 0.0" in output
+
+
+def test_a_request_larger_than_the_worker_could_cache_is_refused_unread(worker):
+    server, port = create_server(worker, "127.0.0.1:0")
+    try:
+        limit = worker.limits.largest_request_bytes()
+        assert limit < 1 << 20  # this worker caches 400 tokens: not gRPC's 512 MiB
+        with pytest.raises(ResourceExhaustedError, match="RESOURCE_EXHAUSTED"):
+            GrpcWorkerClient(f"127.0.0.1:{port}").extend([ExtendItem("s", "large", [1] * limit)])
+        assert worker.sessions_held() == 0
+    finally:
+        server.stop(grace=None)
