@@ -1,5 +1,6 @@
 """`eft serve`: deploy on a local Ray cluster, print the endpoint, serve until Ctrl-C."""
 
+import os
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     print(f"  OpenAI-compatible HTTP  {deployment.http}/v1", flush=True)
     print(f"  Prometheus metrics      {deployment.metrics}", flush=True)
     print(f"compositions: {names} (default {config.default_composition})", flush=True)
-    print(f"try: eft generate 'what is the capital of ...' --address {deployment.address} --stream", flush=True)
+    print(f"try: {eft_command()} generate 'what is the capital of ...' --address {deployment.address} --stream", flush=True)
     if demo and (config.tls or config.auth_token_file):
         print("(no demo request: this config turns on TLS or auth; use eft generate --ca-cert/--token)", flush=True)
     elif demo:
@@ -44,7 +45,23 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     stop.wait()
     print("stopping ...", flush=True)
     stop_local(attached=address is not None)
+    print("stopped", flush=True)
     return 0
+
+
+def eft_command() -> str:
+    """How this shell runs the CLI that is running: ``eft`` where PATH finds this one, else
+    its path (after `make run` it lives in .venv/bin, not on PATH)."""
+    import shutil
+    import sys
+
+    running = Path(sys.argv[0]).resolve()
+    if running.name != "eft":
+        return f"{Path(sys.executable).name} -m cluster.cli"
+    on_path = shutil.which("eft")
+    if on_path is not None and Path(on_path).resolve() == running:
+        return "eft"
+    return os.path.relpath(running) if running.is_relative_to(Path.cwd()) else str(running)
 
 
 def _config(path: Path | None, ports: dict[str, int | None]) -> ServeConfig:

@@ -68,3 +68,28 @@ def test_missing_family_is_a_clear_error(tmp_path):
 def test_bad_arguments_are_refused_before_any_work(args):
     result = eft(*args)
     assert result.returncode == 2 and "error" in result.stderr
+
+
+OUT_OF_RANGE = [
+    ["generate", "hi", "--seed", "-1"],
+    ["generate", "hi", "--seed", str(2**64)],
+    ["generate", "hi", "--max-tokens", "-1"],
+    ["generate", "hi", "--max-tokens", str(2**31)],
+    ["serve", "--grpc-port", "70000"],
+    ["serve", "--http-port", "-1"],
+    ["serve", "--metrics-port", "65536"],
+    ["serve", "--num-cpus", "0"],
+    ["drain", "--metrics-port", "99999"],
+]
+
+
+@pytest.mark.parametrize("args", OUT_OF_RANGE, ids=[" ".join(a[:1] + a[-2:]) for a in OUT_OF_RANGE])
+def test_out_of_range_flag_values_get_one_line_not_a_traceback(args, capsys):
+    """The parser the eft command runs (the subprocess tests above show its exit path)."""
+    from cluster.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(args)
+    said = capsys.readouterr().err
+    assert exited.value.code == 2 and said.count("error:") == 1
+    assert f"argument {args[-2]}: must be in [" in said or f"argument {args[-2]}: must be >= 1" in said, said

@@ -6,7 +6,7 @@ each node offers once). Requests reach both gateways through the shared public p
 placed by the workers' reported load; the pair group scales out under load and back, its
 removed replica draining, with no failed request; then the second node stops as a lost pod
 would (every process of it killed): its requests end UNAVAILABLE, the others finish with
-their full output, and the first node's replicas take new requests; last, Ctrl-C deletes the
+their full output, and the first node's replicas take new requests; last, SIGTERM drains and deletes the
 application and leaves the cluster running. Its own package: one Ray cluster at a time, and
 tests/cluster's is stopped by the time this runs."""
 
@@ -351,6 +351,8 @@ def test_sigterm_drains_the_streams_then_deletes_the_application_and_leaves_the_
     for thread in threads:
         thread.join(timeout=180)
     assert serving.wait(timeout=120) == 0
+    said = serving.stdout.read()
+    assert said.rstrip().endswith("stopped") and "Traceback" not in said, said[-3000:]
     print(f"drain: health NOT_SERVING {min(t for t, _ in ended.values()) - flipped[0]:.1f} s before the first of 4 streams ended; a new request {refused}")
     assert flipped[0] < min(t for t, _ in ended.values())  # health first
     assert refused == [grpc.StatusCode.UNAVAILABLE]

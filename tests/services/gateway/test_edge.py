@@ -88,12 +88,12 @@ def _load(url: str, n: int, body: dict) -> list[dict]:
 def test_300_streams_are_served_or_refused_429_while_health_answers(edge, oracle, quick_family):
     url, gateway, _ = edge
     probe = _HealthProbe(url)
-    results = _load(url, 300, _chat(quick_family))
+    results = _load(url, 300, _chat(quick_family, 6))
     probe.stop()
     served = [r for r in results if r["status"] == 200]
     refused = [r for r in results if r["status"] == 429]
     assert len(served) + len(refused) == 300, {r["status"] for r in results}
-    assert all(r.get("text") == _greedy(oracle, quick_family) for r in served), [r for r in served if r.get("text") != _greedy(oracle, quick_family)][:2]
+    assert all(r.get("text") == _greedy(oracle, quick_family, 6) for r in served), [r for r in served if r.get("text") != _greedy(oracle, quick_family, 6)][:2]
     assert all(r["error"]["type"] == "rate_limit_error" and r["error"]["param"] == "queue" for r in refused)
     assert len(served) >= 288  # the limits: 32 running + 256 waiting
     assert not probe.failures and max(probe.latencies) < 1.0
