@@ -21,6 +21,10 @@ class LocalDeployment:
         """The replicas the coordinator knows, per worker group."""
         return self.handle.worker_addresses.remote().result()
 
+    def worker_labels(self) -> dict[str, str]:
+        """The metrics' name of each worker replica the coordinator knows, by address."""
+        return self.handle.worker_labels.remote().result()
+
     def gateway_requests(self) -> list[dict[str, float]]:
         """Each gateway replica's answered requests by final status code."""
         return self.handle.broadcast("requests_by_code").results()

@@ -183,6 +183,10 @@ class GatewayReplica:
     def worker_addresses(self) -> dict[str, list[str]]:
         return self.directory.addresses()
 
+    def worker_labels(self) -> dict[str, str]:
+        """How the metrics name each known worker replica (``group/index``), by its address."""
+        return {address: client.label for clients in self.directory.clients.values() for address, client in clients.items()}
+
     def pids(self) -> list[int]:
         """This replica's process."""
         return [os.getpid()]

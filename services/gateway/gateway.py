@@ -1,5 +1,6 @@
 """Requests in, text out: validation, per-model prompts, stop strings, streaming text, and
-the request metrics. Every transport (gRPC, HTTP) goes through ``Gateway.generate``."""
+the request metrics. Every transport (gRPC, HTTP) goes through ``Gateway.submit``, then reads
+the replies from a thread (``replies``) or an asyncio task (``areplies``)."""
 
 import json
 import math

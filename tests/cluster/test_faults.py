@@ -198,12 +198,13 @@ def calls_reach_a_new_replica(deployment, service, healthy: str, since: float) -
     if not all(generates(service, "upscaled") for _ in range(3)):
         return False
     after = extend_calls(deployment)
-    pair = set(deployment.worker_addresses()["pair"])
-    return any(after.get(a, 0) > before.get(a, 0) for a in pair - {healthy})
+    labels = deployment.worker_labels()
+    pair = {labels[a] for a in deployment.worker_addresses()["pair"]}
+    return any(after.get(w, 0) > before.get(w, 0) for w in pair - {labels[healthy]})
 
 
 def extend_calls(deployment) -> dict[str, float]:
-    """Extend calls the coordinator made to each worker address (its metrics)."""
+    """Extend calls the coordinator made to each worker replica, by its metrics label."""
     text = requests.get(deployment.metrics, timeout=10).text
     counts = {}
     for family in text_string_to_metric_families(text):
