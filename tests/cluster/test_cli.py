@@ -93,3 +93,26 @@ def test_out_of_range_flag_values_get_one_line_not_a_traceback(args, capsys):
     said = capsys.readouterr().err
     assert exited.value.code == 2 and said.count("error:") == 1
     assert f"argument {args[-2]}: must be in [" in said or f"argument {args[-2]}: must be >= 1" in said, said
+
+
+def test_eft_drain_asks_the_local_gateway_until_it_has_drained(capsys):
+    """`eft drain` (the chart's preStop hook) against a scrape server whose drain route says
+    202 twice, then 200; the route answers loopback clients only."""
+    import socket
+
+    from cluster.client import drain_command
+    from services.metrics import ServingMetrics
+    from services.security import DRAIN_PATH
+
+    answers = iter([(202, "draining: 2 requests running"), (202, "draining: 1 requests running"), (200, "drained")])
+    server, port = ServingMetrics().serve("0.0.0.0", 0, local_routes={DRAIN_PATH: lambda: next(answers)})
+    try:
+        assert drain_command(port, timeout_s=30) == 0
+        assert capsys.readouterr().out.splitlines() == ["draining: 2 requests running", "draining: 1 requests running", "drained"]
+        with socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0)) as sock:  # another address: not this pod's own hook
+            sock.sendall(f"GET {DRAIN_PATH} HTTP/1.0\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.0 403")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert drain_command(port, timeout_s=5) == 0  # nothing listens any more: nothing to drain
