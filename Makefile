@@ -74,14 +74,17 @@ clean:  ## remove .venv, generated stubs and caches
 	rm -rf $(VENV) services/pb/*/ $(STUBS_STAMP) .pytest_cache .hypothesis *.egg-info build dist eval.json eval.png
 
 $(BIN)/python:
+	@echo "[1/3] creating $(VENV) with $(PYTHON) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_FLAGS) --upgrade pip
 
 $(VENV)/.torch: | $(BIN)/python
+	@echo "[2/3] torch ($(TORCH)): reused if $(VENV) has one, else installed (a CUDA build downloads several GB) ..."
 	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install $(PIP_FLAGS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(VENV)/.torch
+	@echo "[3/3] installing EFT Serve and its dependencies ([$(EXTRAS)], pinned by $(or $(CONSTRAINTS),nothing)): a few minutes on a fresh machine ..."
 	$(BIN)/pip install $(PIP_FLAGS) $(CONSTRAINT_FLAG) $(EDITABLE) '.[$(EXTRAS)]'
 	@touch $@
 

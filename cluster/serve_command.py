@@ -19,7 +19,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     load_tokenizers(config)
     where = "a local Ray cluster (127.0.0.1)" if address is None else f"the Ray cluster at {address}"
     print(f"starting {where} and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
-    from cluster.launcher import start_local, stop_local
+    from cluster.launcher import ray_auth_line, start_local, stop_local
 
     started = time.perf_counter()
     try:
@@ -32,6 +32,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     print(f"  gRPC eft.v1.EFTService  {deployment.address}", flush=True)
     print(f"  OpenAI-compatible HTTP  {deployment.http}/v1", flush=True)
     print(f"  Prometheus metrics      {deployment.metrics}", flush=True)
+    print(f"  Ray                     {ray_auth_line()}", flush=True)
     print(f"compositions: {names} (default {config.default_composition})", flush=True)
     print(f"try: {eft_command()} generate 'what is the capital of ...' --address {deployment.address} --stream", flush=True)
     if demo and (config.tls or config.auth_token_file):
@@ -44,7 +45,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     print("serving; Ctrl-C stops", flush=True)
     stop.wait()
     print("stopping ...", flush=True)
-    stop_local(attached=address is not None)
+    stop_local()
     print("stopped", flush=True)
     return 0
 

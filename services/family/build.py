@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from services.family.recipe import Recipe, default_family_dir
 from services.family.tokenizer import build_byte_level_tokenizer, build_tokenizer, to_chatml, with_chatml, with_template
 from services.family.training import encode_rows, new_model, train
+from services.progress import bar
 from services.family.world import ATTRIBUTES, World, chat_documents, make_world, pretraining_documents, question
 
 MANIFEST = "family.json"
@@ -119,7 +120,7 @@ def _train_family(folder: Path, recipe: Recipe, log) -> dict:
         ("small-safe", "small", "small-base", "safe"),
         ("large-tuned", "large", "large-base", "chat"),
     ]
-    for offset, (name, size, parent, data) in enumerate(tqdm(steps, desc="family", unit="model")):
+    for offset, (name, size, parent, data) in enumerate(bar(steps, desc="family", unit="model")):
         tick = time.perf_counter()
         models[name], losses[name] = _train_one(recipe, tokenizer, rows, size, parent and models[parent], data, recipe.seed + offset, name)
         seconds[name] = time.perf_counter() - tick

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
+from services.progress import bar
 
 from eft_core import SamplingParams, eft_logprobs
 from services.family.build import Family
@@ -146,7 +146,7 @@ def _small_tuned_tv(engine, step_logits, weights) -> list[float]:
 
 
 def _bar(items, label: str):
-    return tqdm(items, desc=label, unit="q", leave=False)
+    return bar(items, desc=label, unit="q", leave=False)
 
 
 def _percent(count: int, n: int) -> float:

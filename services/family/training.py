@@ -4,7 +4,7 @@ import math
 import random
 
 import torch
-from tqdm.auto import tqdm
+from services.progress import bar
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from services.family.recipe import ModelShape, Schedule
@@ -56,7 +56,7 @@ def train(
     total = schedule.epochs * batches_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, schedule))
     losses = []
-    with tqdm(total=total, desc=label, unit="step", leave=False) as progress:
+    with bar(total=total, desc=label, unit="step", leave=False) as progress:
         for _ in range(schedule.epochs):
             for batch in _batches(rows, schedule.batch_size, order, mix_rows):
                 loss = model(input_ids=batch, attention_mask=batch != pad_id, labels=batch.masked_fill(batch == pad_id, -100)).loss
