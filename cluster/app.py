@@ -10,7 +10,7 @@
 from ray import serve
 from ray.serve import Application
 
-from cluster.autoscaling import serve_autoscaling_config
+from cluster.autoscaling import REQUESTS_METRIC, SESSIONS_METRIC, serve_autoscaling_config
 from cluster.config import ServeConfig
 from cluster.replicas import GatewayReplica, WorkerReplica
 
@@ -31,11 +31,10 @@ def build_app(config: ServeConfig | dict) -> Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
     workers = {}
     for group in config.worker_groups:
-        scaling = {"autoscaling_config": serve_autoscaling_config(group.autoscaling)} if group.autoscaling else {"num_replicas": group.replicas or 1}
         deployment = serve.deployment(
             WorkerReplica,
             name=f"worker-{group.name}",
-            **scaling,
+            **_scaling(group.replicas, group.autoscaling, SESSIONS_METRIC),
             ray_actor_options={"num_cpus": group.num_cpus, "num_gpus": group.num_gpus, "resources": dict(group.resources)},
             health_check_period_s=WORKER_HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=WORKER_HEALTH_CHECK_TIMEOUT_S,
@@ -43,8 +42,14 @@ def build_app(config: ServeConfig | dict) -> Application:
         )
         workers[group.name] = deployment.bind(group.model_dump(), {m: config.models[m].model_dump() for m in group.models})
     gateway_options = {"num_cpus": config.gateway_num_cpus, "num_gpus": config.gateway_num_gpus, "resources": dict(config.gateway_resources), "runtime_env": {"env_vars": COORDINATOR_ENV}}
-    gateway = serve.deployment(GatewayReplica, name="gateway", num_replicas=config.gateway_replicas, ray_actor_options=gateway_options, graceful_shutdown_timeout_s=config.drain_timeout_s + DRAIN_MARGIN_S)
+    scaling = _scaling(config.gateway_replicas, config.gateway_autoscaling, REQUESTS_METRIC)
+    gateway = serve.deployment(GatewayReplica, name="gateway", **scaling, ray_actor_options=gateway_options, graceful_shutdown_timeout_s=config.drain_timeout_s + DRAIN_MARGIN_S)
     return gateway.bind(config.model_dump(), workers)
+
+
+def _scaling(replicas: int | None, autoscaling: dict | None, metric: str) -> dict:
+    """A deployment's replica count, or its autoscaling by the load its replicas report."""
+    return {"autoscaling_config": serve_autoscaling_config(autoscaling, metric)} if autoscaling else {"num_replicas": replicas or 1}
 
 
 def app_builder(args: dict) -> Application:

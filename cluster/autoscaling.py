@@ -1,27 +1,54 @@
-"""Autoscaling worker groups by the load this system knows. Ray Serve's own signal, requests
-in flight through its handles, sees nothing here (coordinators call workers over gRPC), so
-each worker replica reports the sessions it holds (``record_autoscaling_stats``) and this
-policy asks for enough replicas to hold them at ``target_ongoing_requests`` sessions each.
-Serve applies min/max, its factors and its up/downscale delays around it.
+"""Autoscaling by the load this system knows. Ray Serve's own signal, requests in flight
+through its handles, sees nothing here (clients reach gateways, and gateways reach workers,
+over gRPC and HTTP), so each replica reports its own load (``record_autoscaling_stats``) and
+this policy asks for enough replicas to carry it at ``target_ongoing_requests`` each:
 
-A replica chosen for removal drains (WorkerReplica.__del__): Serve stops listing it, so
-within the directory's refresh the coordinators stop placing on it; it leaves once its
-sessions are gone, or when ``drain_timeout_s`` passes.
+- a worker replica reports the sessions it holds (SESSIONS_METRIC);
+- a gateway/coordinator replica the requests it has admitted, running and queued
+  (REQUESTS_METRIC).
+
+Serve applies min/max, its factors and its up/downscale delays around it. A replica chosen
+for removal drains: a worker (WorkerReplica.__del__) takes no new placements once Serve stops
+listing it and leaves when its sessions are gone; a gateway (GatewayReplica.__del__) closes
+its ports to new connections and leaves when its requests have ended; either at the latest
+after its ``drain_timeout_s``.
 """
 
 import math
 
-SESSIONS_METRIC = "sessions"
-POLICY = "cluster.autoscaling:sessions_policy"
+SESSIONS_METRIC, REQUESTS_METRIC = "sessions", "requests"
+POLICY = "cluster.autoscaling:LoadPolicy"
 
 
-def sessions_policy(ctx) -> tuple[int, dict]:
-    """Replicas for the sessions the group's replicas hold now (ray.serve.config.AutoscalingContext)."""
-    held = sum((ctx.aggregated_metrics or {}).get(SESSIONS_METRIC, {}).values())
-    return math.ceil(held / ctx.config.target_ongoing_requests), ctx.policy_state
+class LoadPolicy:
+    """Replicas for the load a deployment's replicas report now, by ``metric`` (Serve makes
+    one per deployment with the policy's kwargs and calls it with an AutoscalingContext)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        load = sum((ctx.aggregated_metrics or {}).get(self.metric, {}).values())
+        return math.ceil(load / ctx.config.target_ongoing_requests), ctx.policy_state
 
 
-def serve_autoscaling_config(autoscaling: dict) -> dict:
-    """Ray Serve's autoscaling_config for a worker group's ``autoscaling`` settings (Serve's
-    own keys; ``target_ongoing_requests`` read as sessions per replica), with this policy."""
-    return {**autoscaling, "policy": {"policy_function": POLICY}}
+def serve_autoscaling_config(autoscaling: dict, metric: str) -> dict:
+    """Ray Serve's autoscaling_config for ``autoscaling`` settings (Serve's own keys;
+    ``target_ongoing_requests`` read in units of ``metric`` per replica), with this policy."""
+    return {**autoscaling, "policy": {"policy_function": POLICY, "policy_kwargs": {"metric": metric}}}
+
+
+def check_autoscaling(autoscaling: dict | None, unit: str) -> dict | None:
+    """Settings Ray Serve accepts (its own bounds and delays), without a policy of their own:
+    a ValueError naming what is wrong. ``unit``: what target_ongoing_requests counts."""
+    if autoscaling is None:
+        return None
+    from ray.serve.config import AutoscalingConfig
+
+    if "policy" in autoscaling:
+        raise ValueError(f"policy: the autoscaling policy is set here, by the {unit} replicas report (cluster/autoscaling.py)")
+    unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown Ray Serve autoscaling_config keys {unknown}")
+    AutoscalingConfig.model_validate(autoscaling)
+    return autoscaling

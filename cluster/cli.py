@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 from eft_core import EFTError
+from services.progress import quiet_library_bars
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -114,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain = commands.add_parser(
         "drain",
         help="drain the gateway on this machine (a pod's preStop hook)",
-        description="Ask the gateway whose scrape port is PORT on 127.0.0.1 to drain: health turns NOT_SERVING, new requests are "
-        "refused with UNAVAILABLE / 503, and this waits until its running requests have finished (or --timeout passes).",
+        description="Ask the gateway whose scrape port is PORT on 127.0.0.1 to drain: health turns NOT_SERVING, its public ports take no new "
+        "connection and send open ones elsewhere (GOAWAY, Connection: close), and this waits until its running requests have finished (or --timeout passes).",
     )  # fmt: skip
     drain.add_argument("--metrics-port", type=_port, default=9464, help="the gateway's scrape port (default: %(default)s)")
     drain.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most (default: %(default)s, the default drain_timeout_s)")

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from eft_core import Composition, Delta, EFTError
+from cluster.autoscaling import REQUESTS_METRIC, SESSIONS_METRIC, check_autoscaling
 from services.coordinator.health import CallPolicy
 from services.family.compositions import family_compositions
 from services.family.recipe import default_family_dir
@@ -67,17 +68,7 @@ class WorkerGroupConfig(_Strict):
     @field_validator("autoscaling")
     @classmethod
     def _serve_accepts(cls, autoscaling: dict[str, Any] | None) -> dict[str, Any] | None:
-        if autoscaling is None:
-            return None
-        from ray.serve.config import AutoscalingConfig
-
-        if "policy" in autoscaling:
-            raise ValueError("policy: the group's autoscaling policy is the sessions policy (cluster/autoscaling.py)")
-        unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown Ray Serve autoscaling_config keys {unknown}")
-        AutoscalingConfig.model_validate(autoscaling)  # Serve's own checks (bounds, delays)
-        return autoscaling
+        return check_autoscaling(autoscaling, SESSIONS_METRIC)
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> "WorkerGroupConfig":
@@ -157,12 +148,20 @@ class ServeConfig(_Strict):
         CallPolicy.timeout_s, gt=0, description="deadline of a coordinator-to-worker call (plus the prefill allowance); a replica that misses it fails its requests with UNAVAILABLE and leaves placement until it answers probes"
     )
     worker_prefill_tokens_per_s: float = Field(CallPolicy.prefill_tokens_per_s, gt=0, description="the slowest prefill a healthy worker keeps up: a call sending N tokens gets worker_call_timeout_s + N / this")
-    gateway_replicas: int = Field(1, ge=1, description="gateway/coordinator replicas serving the public API; each places its requests by the workers' own reported load. Replicas on one node share the public ports (SO_REUSEPORT: the kernel spreads connections); on Kubernetes each gateway pod serves them behind the chart's Services")
-    drain_timeout_s: float = Field(300.0, gt=0, description="a gateway replica being stopped (SIGTERM through `eft drain`, a redeploy, scaling in) turns health NOT_SERVING, refuses new requests with UNAVAILABLE / 503 and lets the admitted ones finish, up to this long")
+    gateway_replicas: int | None = Field(None, ge=1, description="gateway/coordinator replicas serving the public API (1 unless gateway_autoscaling); each places its requests by the workers' own reported load. Replicas on one node share the public ports (SO_REUSEPORT: the kernel spreads connections); on Kubernetes each gateway pod serves them behind the chart's Services")
+    gateway_autoscaling: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling_config of the gateway/coordinator replicas (min_replicas, max_replicas, delays, ...), driven by the requests each has admitted: target_ongoing_requests is requests (running and queued) per replica; replaces gateway_replicas"
+    )
+    drain_timeout_s: float = Field(300.0, gt=0, description="a gateway replica being stopped (SIGTERM through `eft drain`, a redeploy, scaling in) turns health NOT_SERVING, closes its public ports to new connections (open ones are sent elsewhere: GOAWAY, Connection: close) and lets the admitted requests finish, up to this long")
     gateway_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved for each gateway/coordinator replica")
     gateway_num_gpus: float = Field(0, ge=0, description="GPUs reserved for the gateway/coordinator replica (for decide_device cuda)")
     decide_device: Literal["cpu", "cuda"] = Field("cpu", description="where the coordinator combines, filters, samples and accepts: cuda moves each iteration's logits to the gateway replica's GPU (needs gateway_num_gpus > 0)")
     gateway_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the gateway replica needs (the Helm chart pins it to the head pod, whose Services expose the public ports)")
+
+    @field_validator("gateway_autoscaling")
+    @classmethod
+    def _gateway_serve_accepts(cls, autoscaling: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_autoscaling(autoscaling, REQUESTS_METRIC)
 
     def call_policy(self) -> CallPolicy:
         return CallPolicy(self.worker_call_timeout_s, self.worker_prefill_tokens_per_s)
@@ -189,6 +188,8 @@ class ServeConfig(_Strict):
                     raise ValueError(f"compositions[{i}].{field}: unknown model {model!r} (models: {sorted(self.models)})")
         if self.default_composition not in {c.name for c in self.compositions}:
             raise ValueError(f"default_composition: no composition {self.default_composition!r}")
+        if self.gateway_autoscaling is not None and self.gateway_replicas is not None:
+            raise ValueError("gateway_replicas: set either gateway_replicas or gateway_autoscaling (its min_replicas and max_replicas)")
         if self.decide_device == "cuda" and self.gateway_num_gpus <= 0:
             raise ValueError("decide_device: cuda needs a GPU for the gateway replica: set gateway_num_gpus > 0")
         return self

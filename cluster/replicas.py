@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from cluster.autoscaling import SESSIONS_METRIC
+from cluster.autoscaling import REQUESTS_METRIC, SESSIONS_METRIC
 from cluster.config import ModelConfig, ServeConfig, WorkerGroupConfig, load_tokenizers
 from cluster.directory import REFRESH_S as DIRECTORY_REFRESH_S
 from cluster.directory import WorkerDirectory
 from services.coordinator.engine import Engine, ReplicaPool
 from services.coordinator.scheduler import Scheduler
-from services.gateway.connections import Connections
+from services.gateway.connections import Connections, stop_listening
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server as create_gateway_server
@@ -159,16 +159,17 @@ class GatewayReplica:
         self.scheduler = Scheduler(engine, limits.max_running, limits.max_waiting)
         gateway_limits = Limits(**limits.model_dump(exclude={"max_running", "max_waiting"}))
         gateway = Gateway(compositions, tokenizers, contexts, self.scheduler, config.default_composition, gateway_limits, metrics)
-        self.metrics, self.gateway, self.drain_timeout_s, self.drained = metrics, gateway, config.drain_timeout_s, False
+        self.metrics, self.gateway, self.drain_timeout_s = metrics, gateway, config.drain_timeout_s
         metrics.add_state(scheduler_state(self.scheduler))
         metrics.add_state(worker_state(self.directory.labelled_clients, engine.health.is_ejected))
         tls = (config.tls.cert_file, config.tls.key_file) if config.tls else None
         security = Security.from_files(*(tls or (None, None)), config.auth_token_file)
         connections = Connections(**config.connections.model_dump())
         self.grpc_server, grpc_port = create_gateway_server(gateway, f"{config.host}:{config.grpc_port}", security, connections)
-        self.http_server, http_port = start_http_server(create_app(gateway, security, connections), config.host, config.http_port, tls, connections)
+        self.http_server, http_port = start_http_server(create_app(gateway, security, connections), config.host, config.http_port, tls, connections, config.drain_timeout_s)
         self.metrics_server, metrics_port = metrics.serve(config.host, config.metrics_port, {HEALTHZ_PATH: gateway.healthz}, {DRAIN_PATH: self._drain_step})
         scheme = "https" if tls else "http"
+        self.drain_lock, self.drained = threading.Lock(), False
         self.endpoints_ = {"grpc": f"{config.host}:{grpc_port}", "http": f"{scheme}://{config.host}:{http_port}", "metrics": f"http://{config.host}:{metrics_port}/metrics"}
         log.info("EFT Serve endpoints %s, workers %s", self.endpoints_, self.directory.addresses())
 
@@ -195,24 +196,33 @@ class GatewayReplica:
         """Requests this gateway answered, by final status code (which gateways serve)."""
         return {s.labels["code"]: s.value for family in self.metrics.requests.collect() for s in family.samples if s.name.endswith("_total")}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Ray Serve's autoscaler sees of this replica (cluster/autoscaling.py)."""
+        return {REQUESTS_METRIC: float(self.gateway.admitted())}
+
     def __del__(self):
         """Ray Serve is stopping this replica (scaling in, a redeploy, the application's
-        deletion): drain, then close the public ports. Once; none for a failed constructor."""
-        if not getattr(self, "drained", True):
-            self.drained = True
-            finished, left = self.gateway.drain(self.drain_timeout_s)
-            log.info("gateway drained: %d requests finished, %d cut after %.0f s", finished, left, self.drain_timeout_s)
-            self.grpc_server.stop(grace=1.0)
-            self.http_server.should_exit = True
+        deletion): drain, then close what is left. None for a failed constructor."""
+        if hasattr(self, "drain_lock"):
+            self._drain()
+            self.grpc_server.stop(grace=1.0)  # cuts what outlived the drain (a health watch)
             self.metrics_server.shutdown()
+
+    def _drain(self) -> None:
+        """Once, however many ask (``eft drain``'s route, then Serve): a later caller waits
+        for the drain the first one began."""
+        with self.drain_lock:
+            if not self.drained:
+                finished, left = self.gateway.drain(self.drain_timeout_s, lambda: stop_listening(self.grpc_server, self.http_server, self.drain_timeout_s))
+                self.drained = True
+                log.info("gateway drained: %d requests finished, %d cut after %.0f s", finished, left, self.drain_timeout_s)
 
     def _drain_step(self) -> tuple[int, str]:
         """``eft drain`` (a pod's preStop hook) asks this until it answers 200: the first ask
         starts the drain; 202 while requests run."""
         if not self.gateway.draining:
-            threading.Thread(target=self.gateway.drain, args=(self.drain_timeout_s,), name="eft-drain", daemon=True).start()
-        running = self.gateway.admitted()
-        return (202, f"draining: {running} requests running") if running else (200, "drained")
+            threading.Thread(target=self._drain, name="eft-drain", daemon=True).start()
+        return (200, "drained") if self.drained else (202, f"draining: {self.gateway.admitted()} requests running")
 
     def check_health(self) -> None:
         """Ray Serve restarts this replica when its scheduler loop died; workers out of

@@ -50,20 +50,25 @@ def start_grpc_server(
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if health_of is not None:
-        _report(health_servicer, health_of)
-        threading.Thread(target=_follow_health, args=(server, health_servicer, health_of, health_changed or threading.Event()), name="grpc-health", daemon=True).start()
+        reported = _report(health_servicer, health_of, {})
+        threading.Thread(target=_follow_health, args=(server, health_servicer, health_of, health_changed or threading.Event(), reported), name="grpc-health", daemon=True).start()
     return server, port
 
 
-def _follow_health(server: grpc.Server, servicer: health.HealthServicer, health_of, changed: threading.Event) -> None:
+def _follow_health(server: grpc.Server, servicer: health.HealthServicer, health_of, changed: threading.Event, reported: dict[str, bool]) -> None:
     while changed.wait(HEALTH_REFRESH_S) or server.wait_for_termination(timeout=0):  # True: it timed out, the server still runs
         changed.clear()
         try:
-            _report(servicer, health_of)
+            reported = _report(servicer, health_of, reported)
         except Exception:  # a health report must never kill its thread
             log.exception("health report failed")
 
 
-def _report(servicer: health.HealthServicer, health_of) -> None:
-    for name, serving in health_of().items():
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+def _report(servicer: health.HealthServicer, health_of, reported: Mapping[str, bool]) -> dict[str, bool]:
+    """Set the statuses that changed since ``reported`` (a Watch hears each set, so
+    unchanged ones are not set again); returns the statuses now."""
+    now = health_of()
+    for name, serving in now.items():
+        if reported.get(name) != serving:
+            servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+    return now

@@ -10,6 +10,8 @@ also holds the coordinator's worker channels) by being slow.
   ping goes unanswered; a connection lives ``grpc_max_connection_age_s`` (then clients
   reconnect, which spreads them over gateway replicas), its running calls
   ``grpc_max_connection_age_grace_s`` more.
+
+``stop_listening`` is how a draining gateway lets its clients go elsewhere.
 """
 
 import asyncio
@@ -82,3 +84,13 @@ class _HeaderDeadline(HttpToolsProtocol):
     def _expire(self) -> None:
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def stop_listening(grpc_server, http_server, grace_s: float) -> None:
+    """Close the public ports' doors for a drain: they take no new connection (the replicas
+    sharing the port on this node, or behind the Service, take it), open gRPC connections
+    are asked to go (GOAWAY: a client's next call reconnects), HTTP ones close once their
+    running request ends (idle ones at once); running requests get ``grace_s``. The HTTP
+    server's graceful timeout must cover it (start_http_server's ``drain_timeout_s``)."""
+    grpc_server.stop(grace=grace_s)
+    http_server.should_exit = True

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from eft_core import Composition, DeadlineExceededError, EFTError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, SamplingParams, UnavailableError
@@ -54,7 +54,7 @@ class Gateway:
         self.compositions, self.tokenizers, self.contexts, self.scheduler = dict(compositions), dict(tokenizers), dict(contexts), scheduler
         self.default_composition, self.limits = default_composition, limits
         self.metrics = metrics or ServingMetrics()
-        self.draining = False  # set by drain(): health turns NOT_SERVING, new requests UNAVAILABLE
+        self.draining = False  # set by drain(): health turns NOT_SERVING, a request that still gets in UNAVAILABLE
         self.health_changed = threading.Event()  # the gRPC health service asks again when set
         self.longest_token = {name: longest_token_chars(t) for name, t in self.tokenizers.items()}
 
@@ -84,12 +84,16 @@ class Gateway:
         (HEALTHZ_PATH): 200 with "success" to take traffic, 503 otherwise."""
         return (200, "success") if self.health()[""] else (503, "unavailable: draining" if self.draining else "unavailable: no composition can serve")
 
-    def drain(self, timeout_s: float, poll_s: float = 0.1) -> tuple[int, int]:
+    def drain(self, timeout_s: float, stop_listening: Callable[[], None] = lambda: None, poll_s: float = 0.1) -> tuple[int, int]:
         """Stop taking requests and wait, up to ``timeout_s``, for the admitted ones (running
-        and queued) to end; returns (finished, still running). Health reports NOT_SERVING from
-        the first moment, so load balancers and probes turn away before the wait."""
+        and queued) to end; returns (finished, still running). Health reports NOT_SERVING
+        first (a health watch hears it at once), then ``stop_listening`` closes the servers'
+        doors: new connections go to the replicas that share the port or the Service, open
+        ones are asked to reconnect (gRPC's GOAWAY, HTTP's Connection: close) once their
+        running requests end, so a client's next request lands elsewhere, not on a refusal."""
         self.draining = True
         self.health_changed.set()
+        stop_listening()
         admitted = self.admitted()
         deadline = time.monotonic() + timeout_s
         while self.admitted() and time.monotonic() < deadline:

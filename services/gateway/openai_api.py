@@ -424,10 +424,12 @@ class BodyGuard:
 # --- the server --------------------------------------------------------------------------
 
 
-def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None = None, connections: Connections = Connections()) -> tuple[uvicorn.Server, int]:
+def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None = None, connections: Connections = Connections(), drain_timeout_s: float = 5.0) -> tuple[uvicorn.Server, int]:
     """Serve ``app`` on host:port (0: any free port) from a daemon thread, over TLS with
     ``tls_files`` (cert, key PEM paths), with ``connections``' timeouts and cap; returns the
-    server (``should_exit = True`` stops it) and the bound port."""
+    server and the bound port. ``should_exit = True`` stops it as a drain does: the port
+    closes at once, idle connections too, and running requests get ``drain_timeout_s`` to
+    end (their connections close after)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # gateway replicas on one node share the port, as gRPC's does
@@ -438,7 +440,7 @@ def start_http_server(app: FastAPI, host: str, port: int, tls_files: tuple[str, 
         http=connections.http_protocol(),
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=drain_timeout_s,
         timeout_keep_alive=connections.keep_alive_s,
         limit_concurrency=connections.max_connections,
         ssl_certfile=cert,

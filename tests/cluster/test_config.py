@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -38,8 +40,11 @@ def test_the_demo_config_round_trips_through_yaml(quick_family, tmp_path):
         (lambda d: d["worker_groups"][1].update(autoscaling={"min_replicas": 1, "max_replica": 2}), "worker_groups.1.autoscaling\n  Value error, unknown Ray Serve autoscaling_config keys ['max_replica']"),
         (lambda d: d["worker_groups"][1].update(autoscaling={"min_replicas": 3, "max_replicas": 2}), "worker_groups.1.autoscaling\n  Value error, max_replicas .2. must be greater than or equal to min_replicas"),
         (lambda d: d["worker_groups"][1].update(replicas=2, autoscaling={"max_replicas": 2}), "replicas: set either replicas or autoscaling"),
-        (lambda d: d["worker_groups"][1].update(autoscaling={"max_replicas": 2, "policy": {"policy_function": "x:y"}}), "policy: the group's autoscaling policy is the sessions policy"),
+        (lambda d: d["worker_groups"][1].update(autoscaling={"max_replicas": 2, "policy": {"policy_function": "x:y"}}), "policy: the autoscaling policy is set here, by the sessions replicas report"),
         (lambda d: d.update(gateway_replicas=0), "gateway_replicas"),
+        (lambda d: d.update(gateway_autoscaling={"min_replicas": 1, "max_replica": 2}), "gateway_autoscaling\n  Value error, unknown Ray Serve autoscaling_config keys ['max_replica']"),
+        (lambda d: d.update(gateway_replicas=2, gateway_autoscaling={"max_replicas": 2}), "gateway_replicas: set either gateway_replicas or gateway_autoscaling"),
+        (lambda d: d.update(gateway_autoscaling={"max_replicas": 2, "policy": {"policy_function": "x:y"}}), "policy: the autoscaling policy is set here, by the requests replicas report"),
     ],
 )
 def test_bad_configs_fail_at_load_with_a_precise_message(quick_family, edit, message):
@@ -104,3 +109,24 @@ def test_a_chat_template_in_the_config_overrides_the_model_folders(quick_family)
     overridden = load_tokenizers(ServeConfig.model_validate(data))["small-tuned"]
     assert render_prompt(overridden, messages) == overridden(messages[0]["content"], add_special_tokens=False)["input_ids"]
     assert render_prompt(folder, messages) != render_prompt(overridden, messages)
+
+
+def test_autoscaled_deployments_ask_for_replicas_by_the_load_their_replicas_report(quick_family):
+    """Gateways scale by the requests they have admitted, worker groups by the sessions
+    they hold: Serve's own request counts see neither (clients and coordinators call over
+    gRPC and HTTP). Serve builds the policy from its import path with the kwargs."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from cluster.app import build_app
+
+    data = demo_dict(quick_family)
+    data["gateway_autoscaling"] = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16}
+    data["worker_groups"][1]["autoscaling"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64}
+    built = serve_build(build_app(ServeConfig.model_validate(data)), name="eft")
+    policies = {d.name: d._deployment_config.autoscaling_config and d._deployment_config.autoscaling_config.policy for d in built.deployments}
+    assert policies["worker-base"] is None  # a fixed group
+    assert policies["gateway"].policy_kwargs == {"metric": "requests"} and policies["worker-pair"].policy_kwargs == {"metric": "sessions"}
+    for name, reported, target, replicas in [("gateway", {"a": 20.0, "b": 13.0}, 16, 3), ("worker-pair", {"a": 64.0}, 64, 1), ("gateway", {}, 16, 0)]:
+        policy = policies[name].get_policy()(**policies[name].policy_kwargs)
+        context = SimpleNamespace(aggregated_metrics={policies[name].policy_kwargs["metric"]: reported}, config=SimpleNamespace(target_ongoing_requests=target), policy_state={})
+        assert policy(context) == (replicas, {})  # (Serve then holds it within min and max)

@@ -39,6 +39,11 @@ VARIANTS = {  # values that take different template paths
         "rayWorkerGroups": [*VALUES["rayWorkerGroups"], {**VALUES["rayWorkerGroups"][0], "name": "gateways", "replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gateway": True, "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}}],
         "tls": {"enabled": True, "secretName": "eft-tls"},
     },
+    "gateway-autoscaling": {  # gateways scaled by their admitted requests, on gateway pods KubeRay adds
+        "enableInTreeAutoscaling": True,
+        "serve": {**VALUES["serve"], "gateway_autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64}},
+        "rayWorkerGroups": [*VALUES["rayWorkerGroups"], {**VALUES["rayWorkerGroups"][0], "name": "gateways", "replicas": 0, "minReplicas": 0, "maxReplicas": 2, "gateway": True}],
+    },
     "numeric-start-params": {"head": {"rayStartParams": {"object-store-memory": 1000000000, "num-gpus": 0}}, "rayWorkerGroups": [{**VALUES["rayWorkerGroups"][0], "rayStartParams": {"object-store-memory": 2000000000}}]},
 }
 
@@ -336,6 +341,18 @@ def test_more_gateways_run_on_gateway_pods_behind_the_same_services():
     assert all(sel["eft-serve/gateway"] == "true" and "eft-serve/role" not in sel for sel in selectors)
     with pytest.raises(helm_python.HelmError, match="serve.gateway_replicas 2 needs as many pods offering eft-gateway: .* at most 1"):
         render({"serve": {**VALUES["serve"], "gateway_replicas": 2}})
+
+
+def test_autoscaled_gateways_fit_the_pods_that_can_host_them():
+    """serve.gateway_autoscaling replaces gateway_replicas in the Serve config (which refuses
+    both); its max_replicas needs as many pods offering eft-gateway as the head and the
+    gateway groups' maxReplicas give, where KubeRay's autoscaler adds them."""
+    (rayservice,) = by_kind(render(VARIANTS["gateway-autoscaling"]), "RayService")
+    _, config = serve_config(rayservice)
+    assert config.gateway_replicas is None and config.gateway_autoscaling == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64}
+    too_many = {**VARIANTS["gateway-autoscaling"], "serve": {**VALUES["serve"], "gateway_autoscaling": {"min_replicas": 1, "max_replicas": 4}}}
+    with pytest.raises(helm_python.HelmError, match="serve.gateway_autoscaling.max_replicas 4 needs as many pods offering eft-gateway: .* at most 3"):
+        render(too_many)
 
 
 def test_gateway_pods_drain_before_they_stop():

@@ -47,6 +47,9 @@ files and the gateway's pinning to the head pod. */}}
 {{- $_ := set $args "metrics_port" (int .Values.ports.metrics) -}}
 {{- $_ := set $args "host" "0.0.0.0" -}}
 {{- $_ := set $args "gateway_resources" (dict "eft-gateway" 1) -}}
+{{- if .Values.serve.gateway_autoscaling -}}
+{{- $args = omit $args "gateway_replicas" -}}
+{{- end -}}
 {{- if .Values.tls.enabled -}}
 {{- $_ := set $args "tls" (dict "cert_file" "/etc/eft/tls/tls.crt" "key_file" "/etc/eft/tls/tls.key") -}}
 {{- end -}}

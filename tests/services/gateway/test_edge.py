@@ -13,12 +13,13 @@ import time
 import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from eft_core import ResourceExhaustedError, SamplingParams
 from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
-from services.gateway.connections import Connections
+from services.gateway.connections import Connections, stop_listening
 from services.gateway.gateway import Gateway, Limits, longest_token_chars
 from services.gateway.openai_api import create_app, start_http_server
 from services.gateway.server import create_server
@@ -266,23 +267,49 @@ def test_grpc_connections_are_aged_out(edge):
         server.stop(grace=None)
 
 
-def test_a_drain_turns_health_off_refuses_new_requests_and_waits_for_the_running(edge, oracle, quick_family):
-    url, gateway, workers = edge
-    load, drained = {}, {}
+def test_a_drain_turns_health_off_closes_the_ports_and_waits_for_the_running(edge, oracle, quick_family):
+    """4 HTTP streams and a gRPC stream run when the drain begins (the worker's lock holds
+    them): a health watch hears NOT_SERVING, the ports take no new connection (a replica
+    sharing the port would take it), the running requests finish whole and exact."""
+    _, gateway, workers = edge
+    http, port = start_http_server(create_app(gateway), "127.0.0.1", 0, drain_timeout_s=60)
+    grpc_server, grpc_port = create_server(gateway, "127.0.0.1:0")
+    load, drained, streamed = {}, {}, {}
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     try:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        request = eft_pb2.GenerateRequest(composition="upscaled", sampling=eft_pb2.Sampling(temperature=0.0, max_tokens=12))
+        request.messages.messages.add(role="user", content=questions(quick_family)[0][0]["content"])
         with workers[0].lock:  # the streams cannot end before the drain has begun
-            client = threading.Thread(target=lambda: load.update(results=_load(url, 4, _chat(quick_family))))
-            client.start()
-            _wait_until(lambda: gateway.admitted() == 4, 30)
-            drainer = threading.Thread(target=lambda: drained.update(counts=gateway.drain(60)))
+            clients = [
+                threading.Thread(target=lambda: load.update(results=_load(f"http://127.0.0.1:{port}", 4, _chat(quick_family)))),
+                threading.Thread(target=lambda: streamed.update(text="".join(c.text for c in eft_pb2_grpc.EFTServiceStub(channel).GenerateStream(request, timeout=60)))),
+            ]
+            for client in clients:
+                client.start()
+            _wait_until(lambda: gateway.admitted() == 5, 30)
+            drainer = threading.Thread(target=lambda: drained.update(counts=gateway.drain(60, lambda: stop_listening(grpc_server, http, 60))))
             drainer.start()
-            _wait_until(lambda: gateway.draining)
-            assert requests.get(url + "/health", timeout=1).json()["status"] == "draining"
-            refused = requests.post(url + "/v1/chat/completions", json=_chat(quick_family), timeout=5)
-            assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert gateway.healthz() == (503, "unavailable: draining")
+            _wait_until(lambda: not _accepts(port) and not _accepts(grpc_port))
         drainer.join(60)
-        client.join(60)
-        assert drained["counts"] == (4, 0)
+        for client in clients:
+            client.join(60)
+        assert drained["counts"] == (5, 0)
         assert [r.get("text") for r in load["results"]] == [_greedy(oracle, quick_family)] * 4
+        assert streamed["text"] == _greedy(oracle, quick_family)
     finally:
         gateway.draining = False
+        channel.close()
+        grpc_server.stop(grace=None)
+        http.should_exit = True
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
