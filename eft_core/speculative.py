@@ -78,7 +78,7 @@ def accept_drafts(
     drafts = [draft_tokens[b, :n].tolist() for b, n in enumerate(counts)]
     p = torch.cat([target_probs[b, : n + 1] for b, n in enumerate(counts)])
     q = torch.cat([draft_probs[b, :n] for b, n in enumerate(counts)])
-    return AcceptedDrafts.of(accept_ragged(drafts, p, DraftProbs.dense(q, sum(drafts, [])), generators), k)
+    return AcceptedDrafts.of(accept_ragged(drafts, p, DraftProbs.dense(q, [t for row in drafts for t in row]), generators), k)
 
 
 def accept_ragged(

@@ -29,6 +29,7 @@ from cluster.config import demo_config
 from eft_core import SamplingParams
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from tests.cluster.helpers import IDLE_TIMEOUT_S, chat, free_ports, sessions_held, wait_for
+from tests.cluster_multinode.driver import ANSWER
 
 BIN = Path(sys.executable).parent
 # Ray refuses a second node on 127.0.0.1 (it resolves it to the machine's address) and in its
@@ -128,14 +129,19 @@ class Driver:
     def __init__(self, head: str):
         command = [sys.executable, "-m", "tests.cluster_multinode.driver", head]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd=Path(__file__).parents[2])
-        ready = self.process.stdout.readline()
-        assert ready, f"the driver exited ({self.process.wait()}) before finding the application"
-        self.address = json.loads(ready)["address"]
+        self.address = self._answer()["address"]
+
+    def _answer(self) -> dict:
+        """The driver's next answer, past what Ray prints on its stdout."""
+        while line := self.process.stdout.readline():
+            if line.startswith(ANSWER):
+                return json.loads(line[len(ANSWER) :])
+        raise AssertionError(f"the driver exited ({self.process.wait()}) without answering")
 
     def _ask(self, method: str):
         self.process.stdin.write(method + "\n")
         self.process.stdin.flush()
-        answer = json.loads(self.process.stdout.readline())
+        answer = self._answer()
         if "error" in answer:
             raise RuntimeError(f"{method}: {answer['error']}")
         return answer["result"]
