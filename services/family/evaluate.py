@@ -16,7 +16,7 @@ and refused.
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -84,15 +84,18 @@ def evaluate(
     limit: int | None = None,
     sample: int = 0,
     progress: Callable[[str], None] = print,
+    row_names: Collection[str] | None = None,
 ) -> dict:
-    """Greedy rows over every (or the first ``limit``) entity, the mixing sweep, and the mean
-    total variation between small-tuned and upscaled along upscaled greedy trajectories."""
+    """Greedy rows (those of ROWS named in ``row_names``; None: all) over every (or the first
+    ``limit``) entity, the mixing sweep, and the mean total variation between small-tuned and
+    upscaled along upscaled greedy trajectories."""
+    chosen = [row for row in ROWS if row_names is None or row[0] in row_names]
     engine, world = open_engine(family), family.world()
     entities = world.entities[:limit] if limit else world.entities
     questions = [(e, a) for e in entities for a in world.values]
     greedy = SamplingParams(temperature=0, max_tokens=MAX_ANSWER_TOKENS)
     rows, tv = [], []
-    for name, composition, weights in ROWS:
+    for name, composition, weights in chosen:
         started = time.perf_counter()
         record_tv = tv if name == "upscaled" else None
         scores = [_ask(engine, world, composition, weights, e, a, greedy, record_tv) for e, a in _bar(questions, name)]
