@@ -10,8 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from eft_core import Composition, Delta, EFTError
 from cluster.autoscaling import REQUESTS_METRIC, SESSIONS_METRIC, check_autoscaling
+from eft_core import Composition, Delta, EFTError
 from services.coordinator.health import CallPolicy
 from services.family.compositions import family_compositions
 from services.family.recipe import default_family_dir

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from cluster.config import ServeConfig
 
-
 RAY_AUTH_LOGGER = "ray._private.authentication"
 
 

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from services.family.recipe import Recipe, default_family_dir
 from services.family.tokenizer import build_byte_level_tokenizer, build_tokenizer, to_chatml, with_chatml, with_template
 from services.family.training import encode_rows, new_model, train
-from services.progress import bar
 from services.family.world import ATTRIBUTES, World, chat_documents, make_world, pretraining_documents, question
+from services.progress import bar
 
 MANIFEST = "family.json"
 WORLD = "world.json"

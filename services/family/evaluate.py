@@ -20,13 +20,13 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 
 import torch
-from services.progress import bar
 
 from eft_core import SamplingParams, eft_logprobs
 from services.family.build import Family
 from services.family.compositions import family_compositions
 from services.family.world import REFUSAL, World, question
 from services.oracle import OracleEngine, load_model
+from services.progress import bar
 
 MAX_ANSWER_TOKENS = 16
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)

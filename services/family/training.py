@@ -4,10 +4,10 @@ import math
 import random
 
 import torch
-from services.progress import bar
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from services.family.recipe import ModelShape, Schedule
+from services.progress import bar
 
 
 def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, vocab_multiple: int, max_length: int, seed: int) -> LlamaForCausalLM:
