@@ -59,9 +59,6 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
-    n: Literal[1] = 1
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
     user: str | None = None
     # EFT and vLLM-style extras
     weights: dict[str, float] = Field(default_factory=dict)
@@ -77,7 +74,50 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: str | list[str]
     logprobs: Annotated[int, Field(ge=0, le=1)] | None = None  # the sampled token's only
-    echo: Literal[False] = False
+
+
+# OpenAI request fields EFT Serve does not support, with the values that ask for nothing (a
+# client may send those: the field is then dropped); any other value is a 400 naming the
+# field. A field in neither OpenAI's API nor EFT Serve's extras is a 400 naming it too.
+UNSUPPORTED = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (False, True),  # means nothing without tools
+    "response_format": ({"type": "text"},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "metadata": ({},),
+}
+
+
+def _drop_unsupported(data: dict) -> dict:
+    """``data`` without the UNSUPPORTED fields that ask for nothing (None included); one
+    that asks for something is refused by name."""
+    for name in UNSUPPORTED.keys() & data.keys():
+        if not _asks_nothing(data[name], UNSUPPORTED[name]):
+            accepted = f" (accepted: {', '.join(json.dumps(v) for v in UNSUPPORTED[name])})" if UNSUPPORTED[name] else ""
+            raise InvalidArgumentError(f"not supported by EFT Serve{accepted}", field=name)
+    return {key: value for key, value in data.items() if key not in UNSUPPORTED}
+
+
+def _asks_nothing(value, accepted: tuple) -> bool:
+    """None, or equal to an accepted value as JSON sees it (true is not 1, 0.0 is 0)."""
+    return value is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in accepted)
 
 
 class _Message(BaseModel):
@@ -162,11 +202,12 @@ async def _parsed(request: Request, model: type[BaseModel], gateway: Gateway):
     if isinstance(data.get("messages"), list):
         gateway.check_chat_length(len(data["messages"]))
     try:
-        return model.model_validate(data)
+        return model.model_validate(_drop_unsupported(data))
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise InvalidArgumentError(f"{where}: {first['msg']}" if where else first["msg"], field=where or "body") from None
+        problem = "unknown field (neither OpenAI's nor one of EFT Serve's extras)" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidArgumentError(problem, field=where or "body") from None  # the error's text leads with its field
 
 
 def _body_schema(model: type[BaseModel]) -> dict:

@@ -16,7 +16,7 @@ from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
-from services.gateway.openai_api import create_app, start_http_server
+from services.gateway.openai_api import UNSUPPORTED, create_app, start_http_server
 from services.gateway.server import create_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.security import HEALTHZ_PATH
@@ -119,6 +119,43 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
     assert error["param"] == param and error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
 
 
+ASKING = {  # each UNSUPPORTED field with a value that asks for what EFT Serve does not do
+    "n": 2, "best_of": 3, "echo": True, "suffix": " end", "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"5": 10},
+    "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto",
+    "parallel_tool_calls": "yes", "response_format": {"type": "json_object"}, "audio": {"voice": "alloy"}, "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "high", "verbosity": "low", "web_search_options": {}, "service_tier": "flex",
+    "store": True, "metadata": {"run": "7"},
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_known_openai_fields_that_are_not_supported_are_refused_by_name(server, quick_family, oracle, path):
+    """A field of OpenAI's API that asks for something EFT Serve does not do is a 400 saying
+    so and naming it; the same field with a value that asks for nothing (what clients send
+    by default) is served; a field nobody defines is a 400 naming it as unknown."""
+    chat = path.endswith("chat/completions")
+    base = {"model": "upscaled", "temperature": 0, "max_tokens": 6, **({"messages": questions(quick_family)[0]} if chat else {"prompt": "the capital of"})}
+    assert set(ASKING) == set(UNSUPPORTED)
+    for name, value in ASKING.items():
+        reply = requests.post(server[0] + path, json={**base, name: value}, timeout=30)
+        error = reply.json()["error"]
+        assert (reply.status_code, error["param"], error["type"]) == (400, name, "invalid_request_error"), (name, reply.text)
+        assert error["message"].startswith(f"{name}: not supported by EFT Serve"), error
+    defaults = {name: accepted[0] for name, accepted in UNSUPPORTED.items() if accepted} | {"audio": None, "parallel_tool_calls": True}
+    served = requests.post(server[0] + path, json={**base, **defaults}, timeout=60)
+    assert served.status_code == 200, served.text
+    plain = requests.post(server[0] + path, json=base, timeout=60).json()
+    answer = lambda reply: reply["choices"][0]["message"]["content"] if chat else reply["choices"][0]["text"]  # noqa: E731
+    assert answer(served.json()) == answer(plain)  # the defaults change nothing
+    unknown = requests.post(server[0] + path, json={**base, "temprature": 0.5}, timeout=30).json()["error"]
+    assert unknown["param"] == "temprature" and unknown["message"].startswith("temprature: unknown field"), unknown
+
+
+def test_the_openai_client_sees_a_refusal_naming_the_field(client, quick_family):
+    with pytest.raises(openai.BadRequestError, match="tools: not supported by EFT Serve"):
+        client.chat.completions.create(model="upscaled", messages=questions(quick_family)[0], tools=[{"type": "function", "function": {"name": "lookup", "parameters": {}}}])
+
+
 def test_the_openai_client_raises_its_own_error_types(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
@@ -197,7 +234,7 @@ def test_fuzzed_http_bodies_get_4xx_in_openai_shape_never_500(server):
 
     wild_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
     sane = {"model": "upscaled", "messages": [{"role": "user", "content": "what is the capital of zeme ?"}], "max_tokens": 3, "temperature": 0}
-    fields = ["model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "weights", "speculation", "top_k", "logprobs", "unknown_field"]
+    fields = ["model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "weights", "speculation", "top_k", "logprobs", "tools", "echo", "logit_bias", "unknown_field"]
     statuses = collections.Counter()
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
