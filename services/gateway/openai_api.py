@@ -8,10 +8,12 @@ paths share one validation and one set of limits.
 
 EFT options ride as extra body fields (the ``openai`` client's ``extra_body``):
 ``weights`` ({delta: weight}), ``speculation`` ("off", "auto", or k), ``implicit_rewards``
-(bool: per-token rewards per delta), ``return_token_ids``, ``top_k``,
+(bool: per-token rewards per delta), ``return_token_ids`` (vLLM's: ``token_ids`` on each
+choice, and ``prompt_token_ids``, the base model's prompt, on a completion's choice or at a
+chat reply's top level, in a stream's first chunk), ``top_k``,
 ``conservative_top_p``, ``ignore_eos``, ``timeout`` (seconds for the whole request; default
 limits.request_timeout_s). The ``model`` field names the composition. Each response carries
-an ``eft`` object: draft statistics, and the token ids and rewards asked for.
+an ``eft`` object: draft statistics, and the rewards asked for.
 
 Requests wait on their tokens as asyncio tasks, never on a thread: the number of requests in
 flight is bounded by the scheduler's limits (then 429) and the connection cap, and health
@@ -288,6 +290,24 @@ class _Format:
         self.gateway, self.body = gateway, body
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.model = body.model or gateway.default_composition
+        self.prompt_ids: list[int] | None = None  # return_token_ids: the base model's prompt, said once
+
+    def asked(self, submitted: Submitted) -> None:
+        if self.body.return_token_ids:
+            self.prompt_ids = submitted.prepared.request.prompts[submitted.prepared.request.composition.base]
+
+    def token_ids(self, token_ids) -> dict:
+        """A choice's ``token_ids`` (return_token_ids, where vLLM puts them)."""
+        return {"token_ids": list(token_ids)} if self.body.return_token_ids else {}
+
+    def prompt_once(self, key: str = "prompt_token_ids") -> dict:
+        """``prompt_token_ids`` in the first object that asks (the whole reply, or the first
+        chunk of a stream), nowhere after."""
+        ids, self.prompt_ids = self.prompt_ids, None
+        return {key: ids} if ids is not None else {}
+
+    def top_level(self) -> dict:
+        return {}
 
     def envelope(self, object_type: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": object_type, "created": self.created, "model": self.model, "choices": choices, **extra}
@@ -301,7 +321,8 @@ class _CompletionFormat(_Format):
     prefix, object_whole, object_chunk = "cmpl", "text_completion", "text_completion"
 
     def choice(self, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
-        return {"index": 0, "text": text, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+        """vLLM's completion choice carries the prompt's ids too."""
+        return {"index": 0, "text": text, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids), **self.prompt_once()}
 
     def _logprobs(self, token_ids, logprobs):
         if self.body.logprobs is None:
@@ -320,7 +341,11 @@ class _ChatFormat(_Format):
     def choice(self, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
         content = {"role": "assistant", "content": text} if whole else ({"content": text} if text else {})
         key = "message" if whole else "delta"
-        return {"index": 0, key: content, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+        return {"index": 0, key: content, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids)}
+
+    def top_level(self) -> dict:
+        """vLLM's chat reply carries the prompt's ids at its top level."""
+        return self.prompt_once()
 
     def _logprobs(self, token_ids, logprobs):
         if not self.body.logprobs:
@@ -328,11 +353,12 @@ class _ChatFormat(_Format):
         return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in zip(self.token_strings(token_ids), logprobs)]}
 
     def first_chunk(self):
-        return self.envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        return self.envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}], **self.top_level())
 
 
 async def _respond(request: Request, gateway: Gateway, body: _Body, message: eft_pb2.GenerateRequest, form: _Format):
     submitted = await anyio.to_thread.run_sync(gateway.submit, message, body.timeout)  # renders and tokenizes off the loop
+    form.asked(submitted)
     if body.stream:
         return StreamingResponse(_events(submitted, gateway, body, form), media_type="text/event-stream")
     try:
@@ -363,7 +389,7 @@ def _whole(chunks: list[eft_pb2.GenerateStreamResponse], body: _Body, form: _For
     logprobs = [lp for c in chunks for lp in c.logprobs]
     rewards = [list(r.values) for c in chunks for r in c.rewards]
     choice = form.choice("".join(c.text for c in chunks), token_ids, logprobs, FINISH.get(final.finish_reason), whole=True)
-    return form.envelope(form.object_whole, [choice], usage=_usage(final), eft=_extension(body, final, token_ids, rewards))
+    return form.envelope(form.object_whole, [choice], **form.top_level(), usage=_usage(final), eft=_extension(body, final, rewards))
 
 
 async def _events(submitted: Submitted, gateway: Gateway, body: _Body, form: _Format):
@@ -376,7 +402,7 @@ async def _events(submitted: Submitted, gateway: Gateway, body: _Body, form: _Fo
         async for chunk in gateway.areplies(submitted):
             finish = FINISH.get(chunk.finish_reason)
             choice = form.choice(chunk.text, chunk.token_ids, chunk.logprobs, finish, whole=False)
-            extra = {"eft": _extension(body, chunk, list(chunk.token_ids), [list(r.values) for r in chunk.rewards])} if (finish or body.return_token_ids or body.implicit_rewards) else {}
+            extra = {"eft": _extension(body, chunk, [list(r.values) for r in chunk.rewards])} if (finish or body.implicit_rewards) else {}
             yield _event(form.envelope(form.object_chunk, [choice], **extra))
             if finish and (body.stream_options or {}).get("include_usage"):
                 yield _event(form.envelope(form.object_chunk, [], usage=_usage(chunk)))
@@ -396,10 +422,8 @@ def _usage(final: eft_pb2.GenerateStreamResponse) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _extension(body: _Body, chunk, token_ids: list[int], rewards: list[list[float]]) -> dict:
+def _extension(body: _Body, chunk, rewards: list[list[float]]) -> dict:
     extension = {"draft_tokens": chunk.stats.drafted, "accepted_tokens": chunk.stats.accepted} if chunk.finish_reason else {}
-    if body.return_token_ids:
-        extension["token_ids"] = token_ids
     if body.implicit_rewards:
         extension["implicit_rewards"] = rewards
     return extension

@@ -70,7 +70,8 @@ def test_chat_completion_greedy_equals_the_grpc_path_and_the_reference(server, c
         via_grpc = eft_pb2_grpc.EFTServiceStub(channel).Generate(request, timeout=60)
     want = expected(oracle, "upscaled", messages)
     assert reply.choices[0].message.content == via_grpc.text == want.text
-    assert reply.model_extra["eft"]["token_ids"] == list(via_grpc.token_ids) == want.generation.tokens
+    assert reply.choices[0].model_extra["token_ids"] == list(via_grpc.token_ids) == want.generation.tokens
+    assert reply.model_extra["prompt_token_ids"] == want.prompt_ids["large-base"]  # vLLM's places
     assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == len(want.generation.tokens)
     assert reply.usage.prompt_tokens == len(want.prompt_ids["large-base"]) and reply.object == "chat.completion"
     assert (reply.model_extra["eft"]["draft_tokens"] > 0) == (speculation != "off")
@@ -117,6 +118,28 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_return_token_ids_puts_them_where_vllm_does(client, oracle, quick_family):
+    """``token_ids`` on each choice (each stream chunk's: its own tokens), ``prompt_token_ids``
+    on a completion's choice or at a chat reply's top level, in a stream's first chunk only;
+    nothing of them without return_token_ids."""
+    prompt, messages = "the capital of", questions(quick_family)[0]
+    params = dict(model="upscaled", temperature=0, max_tokens=8, extra_body={"return_token_ids": True})
+    plain = oracle.generate("upscaled", prompt, SamplingParams(temperature=0, max_tokens=8))
+    chat = expected(oracle, "upscaled", messages, max_tokens=8)
+    whole = client.completions.create(prompt=prompt, **params).choices[0].model_extra
+    assert (whole["token_ids"], whole["prompt_token_ids"]) == (plain.generation.tokens, plain.prompt_ids["large-base"])
+    events = list(client.completions.create(prompt=prompt, stream=True, **params))
+    assert [t for e in events for t in e.choices[0].model_extra["token_ids"]] == plain.generation.tokens
+    assert [e.choices[0].model_extra.get("prompt_token_ids") for e in events] == [plain.prompt_ids["large-base"]] + [None] * (len(events) - 1)
+    reply = client.chat.completions.create(messages=messages, **params)
+    assert (reply.choices[0].model_extra["token_ids"], reply.model_extra["prompt_token_ids"]) == (chat.generation.tokens, chat.prompt_ids["large-base"])
+    events = list(client.chat.completions.create(messages=messages, stream=True, **params))
+    assert [e.model_extra.get("prompt_token_ids") for e in events] == [chat.prompt_ids["large-base"]] + [None] * (len(events) - 1)
+    assert [t for e in events[1:] for t in e.choices[0].model_extra["token_ids"]] == chat.generation.tokens
+    bare = client.chat.completions.create(messages=messages, model="upscaled", temperature=0, max_tokens=8)
+    assert "token_ids" not in bare.choices[0].model_extra and "prompt_token_ids" not in bare.model_extra
 
 
 ASKING = {  # each UNSUPPORTED field with a value that asks for what EFT Serve does not do

@@ -91,13 +91,13 @@ def grpc_unary(stack, seed, stop, speculation):
 def http_stream(stack, seed, stop, speculation):
     events = list(stack[1].completions.create(stream=True, stream_options={"include_usage": True}, **_body(seed, stop, speculation)))
     text = "".join(e.choices[0].text for e in events if e.choices)
-    tokens = [t for e in events if e.choices for t in (e.model_extra.get("eft") or {}).get("token_ids", [])]
+    tokens = [t for e in events if e.choices for t in e.choices[0].model_extra["token_ids"]]
     return text, tokens, events[-1].usage.completion_tokens
 
 
 def http_whole(stack, seed, stop, speculation):
     reply = stack[1].completions.create(**_body(seed, stop, speculation))
-    return reply.choices[0].text, reply.model_extra["eft"]["token_ids"], reply.usage.completion_tokens
+    return reply.choices[0].text, reply.choices[0].model_extra["token_ids"], reply.usage.completion_tokens
 
 
 def _plain(seed, stop, speculation) -> eft_pb2.GenerateRequest:
