@@ -104,6 +104,23 @@ class Gateway:
         """Requests running or queued."""
         return sum(self.scheduler.counts)
 
+    def tokenize(self, message: eft_pb2.GenerateRequest) -> tuple[Composition, list[int]]:
+        """The composition a request names and its prompt as the base model sees it, rendered
+        as a generation would be (the same checks before any rendering); no length limit:
+        counting tokens is what this is for."""
+        composition = self._composition(message.composition or self.default_composition)
+        prompt = self._prompt(message)
+        self._check_prompt_size(composition, prompt)
+        return composition, render_prompt(self.tokenizers[composition.base], prompt)
+
+    def detokenize(self, composition_name: str, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` in the composition's vocabulary (each id checked)."""
+        composition = self._composition(composition_name or self.default_composition)
+        tokenizer = self.tokenizers[composition.base]
+        for i, token in enumerate(token_ids):
+            require(0 <= token < len(tokenizer), f"tokens[{i}]", f"{token} is not in the vocabulary (0 to {len(tokenizer) - 1})")
+        return tokenizer.decode(token_ids)
+
     def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
         """Validate everything once; errors name the field."""
         composition = self._composition(message.composition or self.default_composition)

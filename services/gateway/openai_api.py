@@ -1,5 +1,6 @@
-"""OpenAI-compatible HTTP: ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` (streaming as server-sent events, or not), plus ``/health``,
+"""OpenAI-compatible HTTP: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST
+/v1/completions`` and ``POST /v1/chat/completions`` (streaming as server-sent events, or
+not), vLLM's ``/tokenize``, ``/detokenize`` and ``/version``, plus ``/health``,
 ``/-/healthz`` (KubeRay's check, as Ray Serve's proxies answer it) and ``/metrics``.
 
 Each body is checked for shape here (unknown fields are 400 errors naming them), turned
@@ -22,6 +23,7 @@ cancelled: its sessions are freed within an iteration.
 """
 
 import asyncio
+import importlib.metadata
 import json
 import socket
 import threading
@@ -38,12 +40,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eft_core import EFTError, InvalidArgumentError, OverloadedError
+from eft_core import EFTError, InvalidArgumentError, NotFoundError, OverloadedError
 from services.gateway.connections import Connections
 from services.gateway.gateway import Gateway, Submitted
 from services.pb.eft.v1 import eft_pb2
 from services.security import HEALTHZ_PATH, OPEN_HTTP_PATHS, Security
 
+VERSION = importlib.metadata.version("eft-serve")
 FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
@@ -137,6 +140,23 @@ class ChatBody(_Body):
     top_logprobs: Literal[0] | None = None
 
 
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a prompt or a chat, rendered as the composition's base model sees it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[_Message] | None = None
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    tokens: list[Annotated[int, Field(ge=-INT32, le=INT32)]]
+
+
 def create_app(gateway: Gateway, security: Security = Security(), connections: Connections = Connections()) -> FastAPI:
     app = FastAPI(title="EFT Serve", description="OpenAI-compatible API of EFT Serve", docs_url=None, redoc_url=None)
     app.add_middleware(BodyGuard, max_bytes=gateway.limits.max_request_bytes, timeout_s=connections.body_timeout_s)
@@ -158,8 +178,29 @@ def create_app(gateway: Gateway, security: Security = Security(), connections: C
 
     @app.get("/v1/models")
     async def models():
-        listing = gateway.list_compositions()
-        return {"object": "list", "data": [{"id": c.name, "object": "model", "created": 0, "owned_by": "eft-serve", "root": c.base} for c in listing.compositions]}
+        return {"object": "list", "data": [_model_card(c) for c in gateway.list_compositions().compositions]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        cards = {c.name: c for c in gateway.list_compositions().compositions}
+        if name not in cards:
+            raise NotFoundError(f"no composition {name!r} (served: {sorted(cards)})", field="model")
+        return _model_card(cards[name])
+
+    @app.post("/tokenize", openapi_extra=_body_schema(TokenizeBody))
+    async def tokenize(request: Request):
+        body = await _parsed(request, TokenizeBody, gateway)
+        composition, ids = await anyio.to_thread.run_sync(gateway.tokenize, _tokenize_request(body))
+        return {"count": len(ids), "max_model_len": gateway.contexts[composition.base], "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeBody))
+    async def detokenize(request: Request):
+        body = await _parsed(request, DetokenizeBody, gateway)
+        return {"prompt": gateway.detokenize(body.model, body.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
     async def completions(request: Request):
@@ -220,6 +261,20 @@ def _body_schema(model: type[BaseModel]) -> dict:
 # --- OpenAI body -> eft.v1.GenerateRequest ---------------------------------------------------
 
 
+def _model_card(c: eft_pb2.CompositionInfo) -> dict:
+    """An OpenAI model object for a composition, its models and deltas under ``eft``."""
+    deltas = [{"name": d.name, "tuned": d.tuned, "reference": d.reference, "weight": d.weight} for d in c.deltas]
+    return {"id": c.name, "object": "model", "created": 0, "owned_by": "eft-serve", "root": c.base, "eft": {"base": c.base, "deltas": deltas, "drafter": c.drafter or None}}
+
+
+def _tokenize_request(body: TokenizeBody) -> eft_pb2.GenerateRequest:
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidArgumentError("set prompt or messages, not both", field="prompt")
+    if body.prompt is not None:
+        return eft_pb2.GenerateRequest(composition=body.model, text=body.prompt)
+    return _with_messages(eft_pb2.GenerateRequest(composition=body.model), body.messages)
+
+
 def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -230,9 +285,12 @@ def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
 
 
 def _chat_request(body: ChatBody) -> eft_pb2.GenerateRequest:
-    message = _common(body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs)
+    return _with_messages(_common(body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs), body.messages)
+
+
+def _with_messages(message: eft_pb2.GenerateRequest, messages: list[_Message]) -> eft_pb2.GenerateRequest:
     message.messages.SetInParent()  # a chat prompt, even when empty (the gateway refuses that)
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(messages):
         message.messages.messages.add(role=m.role, content=_text_content(m.content, i))
     return message
 

@@ -2,6 +2,7 @@
 it and the gRPC path record: one process, workers behind real gRPC servers on 127.0.0.1."""
 
 import collections
+import importlib.metadata
 import json
 import time
 
@@ -140,6 +141,30 @@ def test_return_token_ids_puts_them_where_vllm_does(client, oracle, quick_family
     assert [t for e in events[1:] for t in e.choices[0].model_extra["token_ids"]] == chat.generation.tokens
     bare = client.chat.completions.create(messages=messages, model="upscaled", temperature=0, max_tokens=8)
     assert "token_ids" not in bare.choices[0].model_extra and "prompt_token_ids" not in bare.model_extra
+
+
+def test_models_tokenize_detokenize_and_version_as_vllm_serves_them(server, client, oracle, quick_family):
+    """GET /v1/models/{id} (its models and deltas under eft), /tokenize (a prompt or a chat,
+    as the base model sees it: the ids a generation gets), /detokenize, /version."""
+    url = server[0]
+    card = client.models.retrieve("mixed").model_extra["eft"]
+    mixed = family_compositions()["mixed"]
+    assert card == {"base": mixed.base, "deltas": [{"name": d.name, "tuned": d.tuned, "reference": d.reference, "weight": d.weight} for d in mixed.deltas], "drafter": mixed.drafter_model}
+    assert len(card["deltas"]) == 2 and card["base"] == "large-base"
+    missing = requests.get(url + "/v1/models/nope", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    messages = questions(quick_family)[0]
+    for prompt, key in [("the capital of", "prompt"), (messages, "messages")]:
+        want = oracle.generate("upscaled", prompt, SamplingParams(temperature=0, max_tokens=1)).prompt_ids["large-base"]
+        counted = requests.post(url + "/tokenize", json={"model": "upscaled", key: prompt}, timeout=30).json()
+        assert (counted["tokens"], counted["count"]) == (want, len(want)) and counted["max_model_len"] > 0
+    both = requests.post(url + "/tokenize", json={"prompt": "x", "messages": messages}, timeout=30)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
+    ids = requests.post(url + "/tokenize", json={"prompt": "the capital of"}, timeout=30).json()["tokens"]
+    assert requests.post(url + "/detokenize", json={"tokens": ids[1:]}, timeout=30).json() == {"prompt": "the capital of"}  # past the BOS
+    outside = requests.post(url + "/detokenize", json={"tokens": [ids[1], 10**6]}, timeout=30)
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens[1]"
+    assert requests.get(url + "/version", timeout=30).json() == {"version": importlib.metadata.version("eft-serve")}
 
 
 ASKING = {  # each UNSUPPORTED field with a value that asks for what EFT Serve does not do
