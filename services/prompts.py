@@ -1,5 +1,6 @@
 """Prompts per model (DESIGN.md 2.3): each model renders chat messages with its own
-template; a plain text prompt is tokenised the same for every model. Generated tokens are
+template; a plain text prompt is tokenised the same for every model, and token ids
+(``TokenPrompt``) are given to each as they are. Generated tokens are
 then appended to every model's prefix alike.
 
 A model without a chat template (most base checkpoints) sees a chat as plain text: the
@@ -15,17 +16,31 @@ its models (a chat model ends its turn with its own, e.g. ``<|im_end|>``).
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from eft_core import Composition
 from eft_core.errors import InvalidArgumentError, require
 
 ROLES = ("system", "user", "assistant")
-Prompt = str | Sequence[Mapping[str, str]]  # plain text, or chat messages {"role", "content"}
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A prompt given as token ids: every model of a composition (one tokenizer) sees them as
+    they are, with no template and no BOS added."""
+
+    ids: tuple[int, ...]
+
+
+Prompt = str | Sequence[Mapping[str, str]] | TokenPrompt  # plain text, chat messages {"role", "content"}, or token ids
 PLAIN_CHAT_SEPARATOR = "\n\n"
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of ``prompt`` for the model whose tokenizer (and template) this is."""
+    if isinstance(prompt, TokenPrompt):
+        require(len(prompt.ids) > 0, "tokens.ids", "must not be empty")
+        for i, token in enumerate(prompt.ids):
+            require(token < len(tokenizer), f"tokens.ids[{i}]", f"{token} is not in the vocabulary (0 to {len(tokenizer) - 1})")
+        return list(prompt.ids)
     if isinstance(prompt, str):
         require(prompt != "", "prompt", "must not be empty")
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -17,7 +17,7 @@ from services.coordinator.scheduler import Handle, Scheduler
 from services.gateway.text import TextStream
 from services.metrics import RequestClock, ServingMetrics
 from services.pb.eft.v1 import eft_pb2
-from services.prompts import render_prompt, stop_token_ids, tokenizer_fingerprint
+from services.prompts import TokenPrompt, render_prompt, stop_token_ids, tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,16 @@ class Gateway:
         if messages > self.limits.max_messages:
             raise ResourceExhaustedError(f"{messages} messages, over the limit of {self.limits.max_messages}", field="messages")
 
-    def _check_prompt_size(self, composition: Composition, prompt: str | list[dict]) -> None:
-        """Refuse, before any rendering, a chat with too many messages or a prompt whose text
-        alone must tokenize past the prompt limit: a token spans at most longest_token_chars
-        (times NORMALIZE_SLACK: a normalizer may merge characters), so this never refuses a
-        prompt that would fit. Rendering and tokenizing a 4 MiB chat takes seconds per model."""
+    def _check_prompt_size(self, composition: Composition, prompt: str | list[dict] | TokenPrompt) -> None:
+        """Refuse, before any rendering, a chat with too many messages, token ids past the
+        prompt limit, or a prompt whose text alone must tokenize past it: a token spans at
+        most longest_token_chars (times NORMALIZE_SLACK: a normalizer may merge characters),
+        so this never refuses a prompt that would fit. Rendering and tokenizing a 4 MiB chat
+        takes seconds per model."""
+        if isinstance(prompt, TokenPrompt):
+            if len(prompt.ids) > self.limits.max_prompt_tokens:
+                raise ResourceExhaustedError(f"{len(prompt.ids)} prompt tokens, over the limit of {self.limits.max_prompt_tokens}", field="tokens.ids")
+            return
         if isinstance(prompt, list):
             self.check_chat_length(len(prompt))
         spans = [self.longest_token[m] for m in composition.models]
@@ -273,6 +278,8 @@ class Gateway:
         if kind == "text":
             require(message.text != "", "text", "must not be empty")
             return message.text
+        if kind == "tokens":
+            return TokenPrompt(tuple(message.tokens.ids))
         return [{"role": m.role, "content": m.content} for m in message.messages.messages]
 
 

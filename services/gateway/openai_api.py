@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eft_core import EFTError, InvalidArgumentError, NotFoundError, OverloadedError
+from eft_core.errors import require
 from services.gateway.connections import Connections
 from services.gateway.gateway import Gateway, Submitted
 from services.pb.eft.v1 import eft_pb2
@@ -50,7 +51,7 @@ VERSION = importlib.metadata.version("eft-serve")
 FINISH = {eft_pb2.FINISH_REASON_STOP: "stop", eft_pb2.FINISH_REASON_LENGTH: "length", eft_pb2.FINISH_REASON_CANCELLED: "abort"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
-INT32 = 2**31 - 1
+INT32, UINT32 = 2**31 - 1, 2**32 - 1
 
 
 class _Body(BaseModel):
@@ -77,7 +78,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (vLLM's); one prompt per request
     logprobs: Annotated[int, Field(ge=0, le=1)] | None = None  # the sampled token's only
 
 
@@ -276,11 +277,17 @@ def _tokenize_request(body: TokenizeBody) -> eft_pb2.GenerateRequest:
 
 
 def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+    prompts = [body.prompt] if one else body.prompt
     if len(prompts) != 1:
         raise InvalidArgumentError(f"one prompt per request, got {len(prompts)}", field="prompt")
     message = _common(body, body.max_tokens, logprobs=body.logprobs is not None)
-    message.text = prompts[0]
+    if isinstance(prompts[0], str):
+        message.text = prompts[0]
+    else:  # the gateway checks them against the vocabulary; the wire's uint32 first
+        for i, token in enumerate(prompts[0]):
+            require(0 <= token <= UINT32, f"tokens.ids[{i}]", f"{token} is not a token id")
+        message.tokens.ids.extend(prompts[0])
     return message
 
 

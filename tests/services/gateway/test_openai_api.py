@@ -22,6 +22,7 @@ from services.gateway.server import create_server
 from services.metrics import ServingMetrics, scheduler_state, worker_state
 from services.security import HEALTHZ_PATH
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
+from services.prompts import TokenPrompt
 from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import questions, start_workers
 from tests.services.gateway.test_service import sessions_held
@@ -165,6 +166,24 @@ def test_models_tokenize_detokenize_and_version_as_vllm_serves_them(server, clie
     outside = requests.post(url + "/detokenize", json={"tokens": [ids[1], 10**6]}, timeout=30)
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens[1]"
     assert requests.get(url + "/version", timeout=30).json() == {"version": importlib.metadata.version("eft-serve")}
+
+
+def test_a_prompt_of_token_ids_is_given_to_every_model_as_it_is(server, client, oracle):
+    """vLLM's token-id prompts (a list of ints, or a list holding one): the same greedy
+    tokens as the text they tokenize to, over HTTP and gRPC; ids checked against the
+    vocabulary (and the wire's range) and the prompt limit, each refusal naming the id."""
+    ids = oracle.generate("upscaled", "the capital of", SamplingParams(temperature=0, max_tokens=1)).prompt_ids["large-base"]
+    want = oracle.generate("upscaled", TokenPrompt(tuple(ids)), SamplingParams(temperature=0, max_tokens=8))
+    assert want.generation.tokens == oracle.generate("upscaled", "the capital of", SamplingParams(temperature=0, max_tokens=8)).generation.tokens
+    for prompt in (ids, [ids]):
+        reply = client.completions.create(model="upscaled", prompt=prompt, temperature=0, max_tokens=8, extra_body={"return_token_ids": True})
+        assert (reply.choices[0].model_extra["token_ids"], reply.choices[0].model_extra["prompt_token_ids"]) == (want.generation.tokens, ids)
+    with grpc.insecure_channel(server[1]) as channel:
+        request = eft_pb2.GenerateRequest(composition="upscaled", tokens=eft_pb2.TokenIds(ids=ids), sampling=eft_pb2.Sampling(temperature=0, max_tokens=8), return_options=eft_pb2.ReturnOptions(token_ids=True))
+        assert list(eft_pb2_grpc.EFTServiceStub(channel).Generate(request, timeout=60).token_ids) == want.generation.tokens
+    for prompt, status, param in [([ids[0], 10**6], 400, "tokens.ids[1]"), ([-1], 400, "tokens.ids[0]"), ([ids, ids], 400, "prompt"), (ids * 1000, 400, "tokens.ids")]:
+        reply = requests.post(server[0] + "/v1/completions", json={"model": "upscaled", "prompt": prompt, "max_tokens": 2}, timeout=30)
+        assert (reply.status_code, reply.json()["error"]["param"]) == (status, param), reply.text
 
 
 ASKING = {  # each UNSUPPORTED field with a value that asks for what EFT Serve does not do
