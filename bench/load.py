@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from cluster.config import ServeConfig, demo_config
-from cluster.launcher import start_local, stop_local
+from cluster.launcher import start_local
 from cluster.loadtest import greedy_cases, rss_bytes, run_load
 from services.family.build import build_family
 from services.family.evaluate import open_engine
@@ -51,7 +51,7 @@ def main() -> int:
     try:
         results = measure(deployment, cases, args)
     finally:
-        stop_local()
+        deployment.stop()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

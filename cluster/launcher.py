@@ -16,6 +16,22 @@ class LocalDeployment:
     metrics: str  # the Prometheus scrape URL
     handle: object  # the gateway deployment's handle
 
+    def stop(self) -> None:
+        """Delete the application, each gateway draining its requests first (up to its
+        drain_timeout_s), and disconnect: an attached cluster keeps running (and its Serve,
+        for other applications); a local one stops, Serve with it (serve.shutdown first
+        would only have the killed controller's pending calls complain)."""
+        import ray
+        from ray import serve
+
+        from cluster.app import APP_NAME
+
+        # The handle's router pushes an autoscaled deployment's metrics from a thread of its
+        # own: left running past ray.shutdown, it connects this process to a cluster again.
+        self.handle.shutdown()
+        serve.delete(APP_NAME)  # waits for the replicas' drains (serve.shutdown would kill them after 30 s)
+        ray.shutdown()
+
     def worker_sessions(self) -> dict[str, list[int]]:
         """Sessions each replica of each worker group holds now (for tests and checks)."""
         return self.handle.worker_sessions.remote().result()
@@ -87,16 +103,3 @@ def ray_auth_line() -> str:
     if os.environ.get("RAY_AUTH_MODE", "disabled") == "token":
         return "token authentication on (its token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE=disabled turns it off)"
     return "token authentication off (RAY_AUTH_MODE=token turns it on)"
-
-
-def stop_local() -> None:
-    """Stop the application, each gateway draining its requests first (up to its
-    drain_timeout_s), and disconnect: an attached cluster keeps running (and its Serve, for
-    other applications) with this application deleted; a local one stops."""
-    import ray
-    from ray import serve
-
-    from cluster.app import APP_NAME
-
-    serve.delete(APP_NAME)  # waits for the replicas' drains (serve.shutdown would kill them after 30 s)
-    ray.shutdown()  # a local cluster stops with its Serve (shutting Serve down first only has its controller's killed calls complain)

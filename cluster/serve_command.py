@@ -19,7 +19,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     load_tokenizers(config)
     where = "a local Ray cluster (127.0.0.1)" if address is None else f"the Ray cluster at {address}"
     print(f"starting {where} and deploying {len(config.worker_groups)} worker groups and the gateway ...", flush=True)
-    from cluster.launcher import ray_auth_line, start_local, stop_local
+    from cluster.launcher import ray_auth_line, start_local
 
     started = time.perf_counter()
     try:
@@ -45,7 +45,7 @@ def serve_until_interrupted(config_path: Path | None, ports: dict[str, int | Non
     print("serving; Ctrl-C stops", flush=True)
     stop.wait()
     print("stopping ...", flush=True)
-    stop_local()
+    deployment.stop()
     print("stopped", flush=True)
     return 0
 

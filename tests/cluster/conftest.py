@@ -5,7 +5,7 @@ import grpc
 import pytest
 
 from cluster.config import ServeConfig, demo_config
-from cluster.launcher import start_local, stop_local
+from cluster.launcher import start_local
 from services.pb.eft.v1 import eft_pb2_grpc
 from tests.cluster.helpers import IDLE_TIMEOUT_S, MAX_RUNNING, MAX_WAITING, free_ports
 
@@ -26,7 +26,7 @@ def deployment(quick_family):
     config.update(zip(["grpc_port", "http_port", "metrics_port"], free_ports(3)))
     deployed = start_local(ServeConfig.model_validate(config), num_cpus=2)
     yield deployed
-    stop_local()
+    deployed.stop()
 
 
 @pytest.fixture(scope="package")
