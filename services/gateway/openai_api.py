@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 import anyio
@@ -40,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eft_core import EFTError, InvalidArgumentError, NotFoundError, OverloadedError
+from eft_core import EFTError, InvalidArgumentError, NotFoundError, OverloadedError, ResourceExhaustedError
 from eft_core.errors import require
 from services.gateway.connections import Connections
 from services.gateway.gateway import Gateway, Submitted
@@ -66,6 +67,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
+    n: Annotated[int, Field(ge=1, le=INT32)] = 1  # samples, each its own request (limits.max_choices)
     # EFT and vLLM-style extras
     weights: dict[str, float] = Field(default_factory=dict)
     speculation: Literal["off", "auto"] | Annotated[int, Field(ge=0, le=INT32)] | None = None
@@ -86,7 +88,6 @@ class CompletionBody(_Body):
 # client may send those: the field is then dropped); any other value is a 400 naming the
 # field. A field in neither OpenAI's API nor EFT Serve's extras is a 400 naming it too.
 UNSUPPORTED = {
-    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
@@ -355,7 +356,8 @@ class _Format:
         self.gateway, self.body = gateway, body
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.model = body.model or gateway.default_composition
-        self.prompt_ids: list[int] | None = None  # return_token_ids: the base model's prompt, said once
+        self.prompt_ids: list[int] | None = None  # return_token_ids: the base model's prompt
+        self.prompt_told: set[int] = set()  # the choices that have said it (once each)
 
     def asked(self, submitted: Submitted) -> None:
         if self.body.return_token_ids:
@@ -365,11 +367,13 @@ class _Format:
         """A choice's ``token_ids`` (return_token_ids, where vLLM puts them)."""
         return {"token_ids": list(token_ids)} if self.body.return_token_ids else {}
 
-    def prompt_once(self, key: str = "prompt_token_ids") -> dict:
-        """``prompt_token_ids`` in the first object that asks (the whole reply, or the first
-        chunk of a stream), nowhere after."""
-        ids, self.prompt_ids = self.prompt_ids, None
-        return {key: ids} if ids is not None else {}
+    def prompt_once(self, index: int = 0) -> dict:
+        """``prompt_token_ids`` in the first object of choice ``index`` that asks (the whole
+        reply, or the first chunk of a stream), nowhere after."""
+        if self.prompt_ids is None or index in self.prompt_told:
+            return {}
+        self.prompt_told.add(index)
+        return {"prompt_token_ids": self.prompt_ids}
 
     def top_level(self) -> dict:
         return {}
@@ -385,9 +389,9 @@ class _Format:
 class _CompletionFormat(_Format):
     prefix, object_whole, object_chunk = "cmpl", "text_completion", "text_completion"
 
-    def choice(self, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
+    def choice(self, index: int, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
         """vLLM's completion choice carries the prompt's ids too."""
-        return {"index": 0, "text": text, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids), **self.prompt_once()}
+        return {"index": index, "text": text, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids), **self.prompt_once(index)}
 
     def _logprobs(self, token_ids, logprobs):
         if self.body.logprobs is None:
@@ -396,17 +400,17 @@ class _CompletionFormat(_Format):
         top = [{t: lp} for t, lp in zip(tokens, logprobs)] if self.body.logprobs else None
         return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": []}
 
-    def first_chunk(self):
+    def first_chunk(self, n: int):
         return None
 
 
 class _ChatFormat(_Format):
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def choice(self, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
+    def choice(self, index: int, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
         content = {"role": "assistant", "content": text} if whole else ({"content": text} if text else {})
         key = "message" if whole else "delta"
-        return {"index": 0, key: content, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids)}
+        return {"index": index, key: content, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids)}
 
     def top_level(self) -> dict:
         """vLLM's chat reply carries the prompt's ids at its top level."""
@@ -417,78 +421,153 @@ class _ChatFormat(_Format):
             return None
         return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in zip(self.token_strings(token_ids), logprobs)]}
 
-    def first_chunk(self):
-        return self.envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}], **self.top_level())
+    def first_chunk(self, n: int):
+        roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
+        return self.envelope(self.object_chunk, roles, **self.top_level())
 
 
 async def _respond(request: Request, gateway: Gateway, body: _Body, message: eft_pb2.GenerateRequest, form: _Format):
-    submitted = await anyio.to_thread.run_sync(gateway.submit, message, body.timeout)  # renders and tokenizes off the loop
-    form.asked(submitted)
+    samples = _samples(message, body, gateway.limits.max_choices)
+    submitted = await anyio.to_thread.run_sync(_submit_all, gateway, samples, body.timeout)  # renders and tokenizes off the loop
+    form.asked(submitted[0])
     if body.stream:
         return StreamingResponse(_events(submitted, gateway, body, form), media_type="text/event-stream")
     try:
         chunks = await _collected(request, submitted, gateway)
     finally:
-        submitted.handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
-    return _whole(chunks, body, form)
+        for one in submitted:
+            one.handle.cancel()  # a no-op once finished; frees everything if this task was cancelled
+    return _whole(chunks, body, form, len(submitted))
 
 
-async def _collected(request: Request, submitted: Submitted, gateway: Gateway) -> list[eft_pb2.GenerateStreamResponse]:
-    """Every reply of a request, unless its client disconnects first (which cancels it)."""
+def _samples(message: eft_pb2.GenerateRequest, body: _Body, max_choices: int) -> list[eft_pb2.GenerateRequest]:
+    """The request's ``n`` samples, each a request of its own: sample i of a seeded request
+    is seeded seed + i (mod 2^64), so sample 0 is the request itself and each can be
+    reproduced alone."""
+    if body.n > max_choices:
+        raise ResourceExhaustedError(f"{body.n} samples, over the limit of {max_choices}", field="n")
+    require(body.n == 1 or not body.implicit_rewards, "n", "implicit_rewards needs n = 1")
+    samples = []
+    for i in range(body.n):
+        sample = eft_pb2.GenerateRequest()
+        sample.CopyFrom(message)
+        if message.sampling.HasField("seed"):
+            sample.sampling.seed = (message.sampling.seed + i) % 2**64
+        samples.append(sample)
+    return samples
+
+
+def _submit_all(gateway: Gateway, samples: list[eft_pb2.GenerateRequest], timeout: float | None) -> list[Submitted]:
+    """Every sample queued, or none: one refused (over a limit, the queue full) cancels the
+    ones already in."""
+    submitted = []
+    try:
+        for sample in samples:
+            submitted.append(gateway.submit(sample, timeout))
+    except EFTError:
+        for one in submitted:
+            one.handle.cancel()
+        raise
+    return submitted
+
+
+async def _merged(gateway: Gateway, submitted: list[Submitted]) -> AsyncIterator[tuple[int, eft_pb2.GenerateStreamResponse]]:
+    """Every sample's chunks as they come, each with its sample's index; a sample's error
+    is raised here. Leaving early stops reading them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, one: Submitted) -> None:
+        try:
+            async for chunk in gateway.areplies(one):
+                queue.put_nowait((index, chunk))
+            queue.put_nowait((index, None))
+        except Exception as error:  # the reader raises it
+            queue.put_nowait((index, error))
+
+    pumps = [asyncio.ensure_future(pump(i, one)) for i, one in enumerate(submitted)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _collected(request: Request, submitted: list[Submitted], gateway: Gateway) -> list[tuple[int, eft_pb2.GenerateStreamResponse]]:
+    """Every reply of every sample, unless the client disconnects first (which cancels them)."""
 
     async def cancel_on_disconnect():
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        submitted.handle.cancel()
+        for one in submitted:
+            one.handle.cancel()
 
     watcher = asyncio.ensure_future(cancel_on_disconnect())  # not a task group: the request's own error must reach the handlers unwrapped
     try:
-        return [chunk async for chunk in gateway.areplies(submitted)]
+        return [pair async for pair in _merged(gateway, submitted)]
     finally:
         watcher.cancel()
 
 
-def _whole(chunks: list[eft_pb2.GenerateStreamResponse], body: _Body, form: _Format) -> dict:
-    final = chunks[-1]
-    token_ids = [t for c in chunks for t in c.token_ids]
-    logprobs = [lp for c in chunks for lp in c.logprobs]
-    rewards = [list(r.values) for c in chunks for r in c.rewards]
-    choice = form.choice("".join(c.text for c in chunks), token_ids, logprobs, FINISH.get(final.finish_reason), whole=True)
-    return form.envelope(form.object_whole, [choice], **form.top_level(), usage=_usage(final), eft=_extension(body, final, rewards))
+def _whole(chunks: list[tuple[int, eft_pb2.GenerateStreamResponse]], body: _Body, form: _Format, n: int) -> dict:
+    choices, finals = [], []
+    for index in range(n):
+        mine = [c for i, c in chunks if i == index]
+        token_ids = [t for c in mine for t in c.token_ids]
+        logprobs = [lp for c in mine for lp in c.logprobs]
+        choices.append(form.choice(index, "".join(c.text for c in mine), token_ids, logprobs, FINISH.get(mine[-1].finish_reason), whole=True))
+        finals.append(mine[-1])
+    rewards = [list(r.values) for i, c in chunks for r in c.rewards]  # n = 1 (_samples)
+    return form.envelope(form.object_whole, choices, **form.top_level(), usage=_usage(finals), eft=_extension(body, finals, rewards))
 
 
-async def _events(submitted: Submitted, gateway: Gateway, body: _Body, form: _Format):
-    """Server-sent events: one per chunk, an optional usage chunk, then [DONE]. An error after
-    the headers went out is sent as an event holding OpenAI's error object. Starlette cancels
-    this task when the client disconnects."""
+async def _events(submitted: list[Submitted], gateway: Gateway, body: _Body, form: _Format):
+    """Server-sent events: one per chunk of any sample (its choice's index), an optional
+    usage chunk once all have finished, then [DONE]. An error after the headers went out is
+    sent as an event holding OpenAI's error object. Starlette cancels this task when the
+    client disconnects."""
     try:
-        if (first := form.first_chunk()) is not None:
+        if (first := form.first_chunk(len(submitted))) is not None:
             yield _event(first)
-        async for chunk in gateway.areplies(submitted):
+        finals = []
+        async for index, chunk in _merged(gateway, submitted):
             finish = FINISH.get(chunk.finish_reason)
-            choice = form.choice(chunk.text, chunk.token_ids, chunk.logprobs, finish, whole=False)
-            extra = {"eft": _extension(body, chunk, [list(r.values) for r in chunk.rewards])} if (finish or body.implicit_rewards) else {}
+            choice = form.choice(index, chunk.text, chunk.token_ids, chunk.logprobs, finish, whole=False)
+            extra = {"eft": _extension(body, [chunk] if finish else [], [list(r.values) for r in chunk.rewards])} if (finish or body.implicit_rewards) else {}
             yield _event(form.envelope(form.object_chunk, [choice], **extra))
-            if finish and (body.stream_options or {}).get("include_usage"):
-                yield _event(form.envelope(form.object_chunk, [], usage=_usage(chunk)))
+            if finish:
+                finals.append(chunk)
+        if (body.stream_options or {}).get("include_usage"):
+            yield _event(form.envelope(form.object_chunk, [], usage=_usage(finals)))
         yield "data: [DONE]\n\n"
     except EFTError as error:
         yield _event({"error": _error_object(error)})
     finally:
-        submitted.handle.cancel()  # the client went away mid-stream: stop generating, free the sessions
+        for one in submitted:
+            one.handle.cancel()  # the client went away mid-stream: stop generating, free the sessions
 
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _usage(final: eft_pb2.GenerateStreamResponse) -> dict:
-    prompt, completion = final.usage.prompt_tokens, final.usage.completion_tokens
+def _usage(finals: list[eft_pb2.GenerateStreamResponse]) -> dict:
+    """The samples' final chunks: their prompt once (the same for every sample), every
+    sample's completion."""
+    prompt, completion = finals[0].usage.prompt_tokens, sum(f.usage.completion_tokens for f in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _extension(body: _Body, chunk, rewards: list[list[float]]) -> dict:
-    extension = {"draft_tokens": chunk.stats.drafted, "accepted_tokens": chunk.stats.accepted} if chunk.finish_reason else {}
+def _extension(body: _Body, finals: list, rewards: list[list[float]]) -> dict:
+    """The eft object: the finished samples' draft statistics, summed; the rewards asked."""
+    extension = {"draft_tokens": sum(f.stats.drafted for f in finals), "accepted_tokens": sum(f.stats.accepted for f in finals)} if finals else {}
     if body.implicit_rewards:
         extension["implicit_rewards"] = rewards
     return extension

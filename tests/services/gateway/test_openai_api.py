@@ -111,7 +111,8 @@ def test_completions_streamed_and_not_with_logprobs_and_rewards(client, oracle, 
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "hi"}], "weights": {"chat": 1e9}}, 400, "weights['chat']"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400, "sampling.max_tokens"),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2, "implicit_rewards": True}, 400, "n"),
         ({"messages": []}, 400, "messages"),
     ],
 )
@@ -186,8 +187,34 @@ def test_a_prompt_of_token_ids_is_given_to_every_model_as_it_is(server, client, 
         assert (reply.status_code, reply.json()["error"]["param"]) == (status, param), reply.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_samples_are_requests_of_their_own_seeded_seed_plus_i(client, oracle, quick_family, stream):
+    """n choices, choice i the same as the request alone with seed + i, streamed interleaved
+    under their indices; usage counts the prompt once and every choice's tokens; greedy n
+    gives n equal choices."""
+    messages = questions(quick_family)[0]
+    alone = [client.chat.completions.create(model="upscaled", messages=messages, temperature=1.0, seed=7 + i, max_tokens=10, extra_body={"return_token_ids": True}) for i in range(3)]
+    wants = [a.choices[0].model_extra["token_ids"] for a in alone]
+    prompt = oracle.generate("upscaled", messages, SamplingParams(temperature=0, max_tokens=1)).prompt_ids["large-base"]
+    params = dict(model="upscaled", messages=messages, temperature=1.0, seed=7, max_tokens=10, n=3, extra_body={"return_token_ids": True})
+    if stream:
+        events = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **params))
+        tokens = {i: [t for e in events for c in e.choices if c.index == i for t in (c.model_extra or {}).get("token_ids", [])] for i in range(3)}
+        finished = sorted(c.index for e in events for c in e.choices if c.finish_reason)
+        usage = events[-1].usage
+    else:
+        reply = client.chat.completions.create(**params)
+        tokens = {c.index: c.model_extra["token_ids"] for c in reply.choices}
+        finished, usage = sorted(c.index for c in reply.choices if c.finish_reason), reply.usage
+    assert tokens == dict(enumerate(wants)) and finished == [0, 1, 2]
+    assert len({tuple(t) for t in tokens.values()}) > 1  # distinct seeds, distinct samples
+    assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == sum(map(len, wants))
+    greedy = client.chat.completions.create(model="upscaled", messages=messages, temperature=0, max_tokens=10, n=2)
+    assert [c.index for c in greedy.choices] == [0, 1] and greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
 ASKING = {  # each UNSUPPORTED field with a value that asks for what EFT Serve does not do
-    "n": 2, "best_of": 3, "echo": True, "suffix": " end", "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"5": 10},
+    "best_of": 3, "echo": True, "suffix": " end", "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"5": 10},
     "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto",
     "parallel_tool_calls": "yes", "response_format": {"type": "json_object"}, "audio": {"voice": "alloy"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "high", "verbosity": "low", "web_search_options": {}, "service_tier": "flex",
