@@ -362,6 +362,9 @@ def test_sigterm_drains_the_streams_then_deletes_the_application_and_leaves_the_
             tokens = error.code().name
         ended[i] = (time.monotonic(), tokens)
 
+    # Until Ray has declared the lost node dead (its heartbeats missed), Serve still lists
+    # its replicas as running, and a call routed to one hangs; streams then cannot all run.
+    wait_for(lambda: _replicas(deployment) == (1, 1), 180, "Serve to drop the lost node's replicas")
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
