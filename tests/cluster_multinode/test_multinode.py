@@ -304,7 +304,9 @@ def test_a_stopped_node_fails_only_its_requests_and_the_other_node_serves_on(clu
     for i, (code, tokens) in outcomes.items():
         if code == "OK":  # the others' output is whole, and exact
             assert tokens == _expected(oracle, questions[i % 4], LONG, ignore_eos=True)
-    assert {code for code, _, _ in load.failures} <= {"UNAVAILABLE"}, load.failures[:5]
+    # A client call the lost gateway had not yet taken up can end CANCELLED rather than
+    # UNAVAILABLE as its process goes (gRPC ends such calls CANCELLED: grpc/grpc#41785).
+    assert {code for code, _, _ in load.failures} <= {"UNAVAILABLE", "CANCELLED"}, load.failures[:5]
     assert all(0 <= when - stopped_at[0] < LOSS_WINDOW_S for _, _, when in load.failures), load.failures[:5]  # only while the node went
     with grpc.insecure_channel(deployment.address) as channel:
         service = eft_pb2_grpc.EFTServiceStub(channel)
