@@ -38,8 +38,7 @@ def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of ``prompt`` for the model whose tokenizer (and template) this is."""
     if isinstance(prompt, TokenPrompt):
         require(len(prompt.ids) > 0, "tokens.ids", "must not be empty")
-        for i, token in enumerate(prompt.ids):
-            require(token < len(tokenizer), f"tokens.ids[{i}]", f"{token} is not in the vocabulary (0 to {len(tokenizer) - 1})")
+        require_in_vocabulary(tokenizer, prompt.ids, "tokens.ids")
         return list(prompt.ids)
     if isinstance(prompt, str):
         require(prompt != "", "prompt", "must not be empty")
@@ -63,6 +62,12 @@ def check_chat_template(tokenizer, field: str) -> None:
         render_prompt(tokenizer, [{"role": "user", "content": "hello"}])
     except Exception as error:  # jinja2's syntax and render errors, raise_exception() in templates
         raise InvalidArgumentError(f"the chat template does not render a one-message chat: {type(error).__name__}: {error}", field=field) from None
+
+
+def require_in_vocabulary(tokenizer, token_ids: Sequence[int], field: str) -> None:
+    """Each id one of the tokenizer's, else INVALID_ARGUMENT naming ``field[i]``."""
+    for i, token in enumerate(token_ids):
+        require(0 <= token < len(tokenizer), f"{field}[{i}]", f"{token} is not in the vocabulary (0 to {len(tokenizer) - 1})")
 
 
 def validate_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:

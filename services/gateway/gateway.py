@@ -17,7 +17,7 @@ from services.coordinator.scheduler import Handle, Scheduler
 from services.gateway.text import TextStream
 from services.metrics import RequestClock, ServingMetrics
 from services.pb.eft.v1 import eft_pb2
-from services.prompts import TokenPrompt, render_prompt, stop_token_ids, tokenizer_fingerprint
+from services.prompts import TokenPrompt, render_prompt, require_in_vocabulary, stop_token_ids, tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,7 @@ class Gateway:
         """The text of ``token_ids`` in the composition's vocabulary (each id checked)."""
         composition = self._composition(composition_name or self.default_composition)
         tokenizer = self.tokenizers[composition.base]
-        for i, token in enumerate(token_ids):
-            require(0 <= token < len(tokenizer), f"tokens[{i}]", f"{token} is not in the vocabulary (0 to {len(tokenizer) - 1})")
+        require_in_vocabulary(tokenizer, token_ids, "tokens")
         return tokenizer.decode(token_ids)
 
     def prepare(self, message: eft_pb2.GenerateRequest) -> Prepared:
