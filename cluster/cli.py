@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 1)")
     generate.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
     generate.add_argument("--seed", type=_bounded(0, 2**64 - 1), default=None, help="same seed, same output (0 to 2^64 - 1)")
-    generate.add_argument("--max-tokens", type=_bounded(0, 2**31 - 1), default=0, help="tokens at most (default: the server's)")
+    generate.add_argument("--max-tokens", type=_bounded(1, 2**31 - 1), help="tokens at most (default: the server's)")
     generate.add_argument("--speculate", default="default", metavar="K|auto|off", help="drafts per step, auto (adaptive) or off (default: the server's)")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
     generate.add_argument("--json", action="store_true", help="print the final response as one JSON object")

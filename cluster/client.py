@@ -34,7 +34,8 @@ def build_request(args) -> eft_pb2.GenerateRequest:
         sampling.top_p = args.top_p
     if args.seed is not None:
         sampling.seed = args.seed
-    sampling.max_tokens = args.max_tokens
+    if args.max_tokens is not None:
+        sampling.max_tokens = args.max_tokens
     request.speculation.CopyFrom(_speculation(args.speculate))
     request.return_options.token_ids = True
     return request

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eft_core import Composition, Generation, NotFoundError, SamplingParams, generate
+from eft_core import Composition, Generation, NotFoundError, SamplingParams, eft_logprobs, generate
 from services.hf_compat import cache_kwargs, full_cache
 from services.prompts import Prompt, composition_vocab_sizes, render_prompt, stop_token_ids
 
@@ -125,4 +125,15 @@ class OracleEngine:
         text = self.tokenizers[chosen.base].decode(generation.tokens, skip_special_tokens=True)
         step_logits = [{n: r.by_length[t] for n, r in recorders.items()} for t in range(len(generation.tokens))] if recorders else None
         return OracleResult(text, generation, {n: s.prompt for n, s in sources.items()}, step_logits)
+
+    @torch.inference_mode()
+    def score(self, composition: str, prompt: Prompt, weights: Mapping[str, float] | None = None) -> tuple[list[int], torch.Tensor]:
+        """The prompt (as the base renders it) and the EFT log-probabilities at each of its
+        positions [positions, vocab]: each scored model's one forward over the whole prompt,
+        no cache, combined; row i is the distribution of token i + 1."""
+        chosen = self.composition(composition)
+        prompts = {n: render_prompt(self.tokenizers[n], prompt) for n in chosen.scored_models}
+        logits = {n: self.models[n].model(input_ids=torch.tensor([ids], device=self.models[n].model.device)).logits.float().cpu() for n, ids in prompts.items()}
+        weights_row = list(chosen.weights(dict(weights or {})))
+        return prompts[chosen.base], eft_logprobs(logits, chosen, weights_row, self.vocab_sizes[composition])[0]
 

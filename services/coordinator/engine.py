@@ -66,9 +66,15 @@ class EngineRequest:
     weights: tuple[float, ...]
     draft_k: int = 0  # drafts per step; 0: no speculation
     adaptive: bool = False  # draft what the engine's tuner chooses each iteration (eft_core.draft_length)
+    score_prompt: bool = False  # the EFT logprob of each prompt token after the first (every scored model has the same prompt)
+    score_only: bool = False  # score the prompt and emit nothing (max_tokens 0)
+    top_logprobs: int = 0  # per scored or emitted position, its most probable tokens to return
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob) of the top_logprobs most probable
+    prompt_logprobs: list[float] | None = None  # once scored: per prompt token after the first
+    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # as top, per prompt token after the first
     finish_reason: str | None = None
     error: EFTError | None = None
     stats: SpeculationStats = field(default_factory=SpeculationStats)
@@ -94,6 +100,12 @@ class EngineRequest:
         own k otherwise; never more than its remaining tokens need."""
         k = tuned if self.adaptive and tuned is not None else self.draft_k
         return min(k, self.params.max_tokens - len(self.tokens) - 1)
+
+    @property
+    def prompt_positions(self) -> int:
+        """Prompt positions to score this iteration besides the ones it generates from: every
+        one but the last (which predicts the first new token), in its first iteration."""
+        return len(self.prompts[self.composition.base]) - 1 if self.score_prompt and self.prompt_logprobs is None else 0
 
     @property
     def tuning_context(self) -> tuple | None:
@@ -325,7 +337,7 @@ class Engine:
             drafts = drafted.get(r.id, ([], None))[0]
             for model in r.composition.scored_models:
                 unsent, truncate_to = r.cache.to_send(model)
-                calls[r.placement[model]].append((r, ExtendItem(r.id, model, unsent + drafts, len(drafts) + 1, truncate_to)))
+                calls[r.placement[model]].append((r, ExtendItem(r.id, model, unsent + drafts, r.prompt_positions + len(drafts) + 1, truncate_to)))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, "extend"):
             if self._well_formed(r, item, answer) and self._cache_kept(r, item.model, len(item.token_ids), answer.cache_length):
@@ -357,36 +369,59 @@ class Engine:
 
     def _decide(self, rows: list[EngineRequest], scored, drafted) -> None:
         """One decide for every request of a composition, speculating or not: the positions
-        of all rows (1, or k + 1 for a row that drafted k) combined at once, one acceptance
-        over them (a row without drafts samples plainly), then the emitted tokens' logprobs
-        and implicit rewards gathered, and emitted."""
+        of all rows (1, or k + 1 for a row that drafted k, after the prompt's positions in a
+        row that scores its prompt) combined at once, the prompts' tokens scored, one
+        acceptance over the generating positions (a row without drafts samples plainly),
+        then the emitted tokens' logprobs, top logprobs and implicit rewards gathered, and
+        emitted. A score-only row generates nothing and ends here."""
         composition = rows[0].composition
         vocab = self.vocab_sizes[composition.name]
         drafts = [drafted[r.id][0] if r.id in drafted else [] for r in rows]
-        positions = [len(d) + 1 for d in drafts]
+        prompt_positions = [r.prompt_positions for r in rows]
+        positions = [p + len(d) + 1 for p, d in zip(prompt_positions, drafts)]
         per_model = {m: torch.cat([scored[r.id][m][:, :vocab] for r in rows]).to(self.device)[:, None] for m in composition.scored_models}  # [positions, 1, vocab]
         weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)]).to(self.device)
         target = eft_logprobs(per_model, composition, weights, vocab)[:, 0]  # [positions, vocab]
-        emitted = self._accepted(rows, drafts, positions, target, per_model[composition.nucleus_model][:, 0], [drafted[r.id][1] for r in rows if r.id in drafted], vocab)
         starts = [0, *accumulate(positions)][:-1]
-        chosen = torch.tensor([start + j for start, tokens in zip(starts, emitted) for j in range(len(tokens))], device=self.device)
-        tokens = torch.tensor([t for tokens in emitted for t in tokens], device=self.device)
-        every = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
-        picked = {m: per_model[m] if every else per_model[m][chosen] for d in composition.deltas for m in (d.tuned, d.reference)}
+        for r, start, n in zip(rows, starts, prompt_positions):
+            if r.score_prompt and r.prompt_logprobs is None:
+                _score_prompt(r, target[start : start + n])
+        deciding = [i for i, r in enumerate(rows) if not r.score_only]
+        generating = [starts[i] + prompt_positions[i] + j for i in deciding for j in range(len(drafts[i]) + 1)]
+        nucleus = per_model[composition.nucleus_model][:, 0]
+        if len(generating) < len(target):  # a prompt scored, or a score-only row: decide from the rest
+            generating = torch.tensor(generating, dtype=torch.long, device=self.device)
+            target_at, nucleus = target[generating], nucleus[generating]
+        else:
+            target_at = target
+        emitted = self._accepted([rows[i] for i in deciding], [drafts[i] for i in deciding], target_at, nucleus, [drafted[rows[i].id][1] for i in deciding if rows[i].id in drafted], vocab)
+        first = [starts[i] + prompt_positions[i] for i in deciding]  # each deciding row's first generating position
+        chosen = torch.tensor([start + j for start, tokens in zip(first, emitted) for j in range(len(tokens))], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([t for tokens in emitted for t in tokens], dtype=torch.long, device=self.device)
+        whole = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
+        picked = {m: per_model[m] if whole else per_model[m][chosen] for d in composition.deltas for m in (d.tuned, d.reference)}
         logprobs, rewards = target[chosen, tokens].tolist(), implicit_rewards(picked, composition, tokens[:, None], vocab)[:, 0].tolist()
+        tops = _top(target[chosen], max((rows[i].top_logprobs for i in deciding), default=0))
         offset = 0
-        for r, row_tokens, row_drafts in zip(rows, emitted, drafts):
-            if row_drafts:
-                self._observe_drafts(r, len(row_drafts), len(row_tokens) - 1)
+        for i, row_tokens in zip(deciding, emitted):
+            r, n = rows[i], len(row_tokens)
+            if drafts[i]:
+                self._observe_drafts(r, len(drafts[i]), n - 1)
             r.emitted_from = len(r.tokens)
-            self._emit(r, row_tokens, logprobs[offset : offset + len(row_tokens)], rewards[offset : offset + len(row_tokens)])
-            offset += len(row_tokens)
+            self._emit(r, row_tokens, logprobs[offset : offset + n], rewards[offset : offset + n], [t[: r.top_logprobs] for t in tops[offset : offset + n]])
+            offset += n
+        for r in rows:
+            if r.score_only:
+                r.finish_reason = "length"
 
     @staticmethod
-    def _accepted(rows, drafts: list[list[int]], positions: list[int], target: torch.Tensor, nucleus_logits: torch.Tensor, qs: list[DraftQ], vocab: int) -> list[list[int]]:
+    def _accepted(rows, drafts: list[list[int]], target: torch.Tensor, nucleus_logits: torch.Tensor, qs: list[DraftQ], vocab: int) -> list[list[int]]:
         """Per row, its accepted drafts and one recovered or bonus token (or its one sampled
         token): greedy rows by argmax alone; otherwise the exact rule over p and the q each
-        drafter sent."""
+        drafter sent. ``target``: the rows' generating positions, row after row."""
+        if not rows:
+            return []
+        positions = [len(d) + 1 for d in drafts]
         batch = SamplingBatch.from_params([r.params for r in rows], {i: r.generator for i, r in enumerate(rows) if r.generator is not None})
         if batch.all_greedy:
             return accept_greedy_ragged(drafts, target.argmax(dim=-1))
@@ -400,12 +435,13 @@ class Engine:
             self.metrics.observe_draft(r.composition.name, drafted, accepted)
 
     @staticmethod
-    def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]]) -> None:
-        """Append the tokens, their logprobs and implicit rewards, until a stop."""
-        for token, logprob, reward in zip(emitted, logprobs, rewards):
+    def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]], tops: list[list[tuple[int, float]]]) -> None:
+        """Append the tokens, their logprobs, implicit rewards and top logprobs, until a stop."""
+        for token, logprob, reward, top in zip(emitted, logprobs, rewards, tops):
             r.tokens.append(token)
             r.logprobs.append(logprob)
             r.rewards.append(reward)
+            r.top.append(top)
             if token in r.params.stop_token_ids:
                 r.finish_reason = "stop"
             elif len(r.tokens) >= r.params.max_tokens:
@@ -473,6 +509,23 @@ class Engine:
         if isinstance(error, DeadlineExceededError):
             return UnavailableError(f"worker replica {_name(client)} did not answer {method} within {timeout:.1f} s; retry the request")
         return UnavailableError(f"worker replica {_name(client)} failed {method} ({error}); retry the request")
+
+
+def _score_prompt(r: EngineRequest, target: torch.Tensor) -> None:
+    """The logprob of each prompt token after the first, and its top logprobs, from
+    ``target``: the EFT logprobs at the positions before them."""
+    following = torch.tensor(r.prompts[r.composition.base][1:], dtype=torch.long, device=target.device)
+    r.prompt_logprobs = target.gather(1, following[:, None])[:, 0].tolist()
+    r.prompt_top = _top(target, r.top_logprobs)
+
+
+def _top(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    """Per row of ``logprobs`` [rows, vocab], its n most probable tokens (id, logprob), most
+    probable first; empty lists for n = 0."""
+    if n == 0:
+        return [[] for _ in range(len(logprobs))]
+    values, ids = logprobs.topk(min(n, logprobs.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 def _draft_probs(qs: list[DraftQ], vocab: int) -> DraftProbs:

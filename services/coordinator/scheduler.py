@@ -27,9 +27,21 @@ class Chunk:
     tokens: list[int]
     logprobs: list[float]
     rewards: list[list[float]]
+    top: list[list[tuple[int, float]]]  # per token: the most probable tokens (id, logprob), as many as asked
     final: bool = False
     finish_reason: str | None = None  # stop, length, cancelled, deadline, error
     error: EFTError | None = None
+
+    @classmethod
+    def of(cls, request: EngineRequest, new: slice, final: bool = False) -> "Chunk":
+        """The request's tokens in ``new``, with what they carry; ``final``: with its end."""
+        data = request.tokens[new], request.logprobs[new], request.rewards[new], request.top[new]
+        return cls(*data, True, request.finish_reason, request.error) if final else cls(*data)
+
+    @classmethod
+    def ended(cls, reason: str) -> "Chunk":
+        """The end of a request that ended outside the engine (cancelled, past its deadline)."""
+        return cls([], [], [], [], True, reason)
 
 
 class Handle:
@@ -91,7 +103,7 @@ class Handle:
 
     def _expired(self) -> Chunk:
         self.cancel()
-        return Chunk([], [], [], True, "deadline")
+        return Chunk.ended("deadline")
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -176,10 +188,10 @@ class Scheduler:
             new = slice(handle.sent, len(request.tokens))
             if request.done:
                 self.running.remove(handle)
-                final = Chunk(request.tokens[new], request.logprobs[new], request.rewards[new], True, request.finish_reason, request.error)
+                final = Chunk.of(request, new, final=True)
                 self._release_then_put(handle, final)
             elif new.start < new.stop:
-                handle.put(Chunk(request.tokens[new], request.logprobs[new], request.rewards[new]))
+                handle.put(Chunk.of(request, new))
             handle.sent = len(request.tokens)
 
     def _finish(self, handles: list[Handle], reason: str) -> None:
@@ -187,7 +199,7 @@ class Scheduler:
             if handle in self.running:
                 self.running.remove(handle)
             handle.request.finish_reason = handle.request.finish_reason or reason
-            self._release_then_put(handle, Chunk([], [], [], True, reason))
+            self._release_then_put(handle, Chunk.ended(reason))
 
     def _release_then_put(self, handle: Handle, final: Chunk) -> None:
         """The final chunk follows the release of the request's sessions (a caller that saw

@@ -34,6 +34,7 @@ class Limits:
     max_request_bytes: int = 4 << 20  # a request message or HTTP body (gRPC's own default)
     max_messages: int = 2048  # messages in one chat (OpenAI's own limit)
     max_choices: int = 8  # samples one HTTP request may ask (n), each a request of its own
+    max_top_logprobs: int = 20  # top logprobs per position (OpenAI's own limit)
     request_timeout_s: float | None = None  # a request that sets no deadline of its own gets this one
 
 
@@ -130,9 +131,14 @@ class Gateway:
         prompt = self._prompt(message)
         self._check_prompt_size(composition, prompt)
         prompts = self._prompts(composition, prompt)
-        params = self._sampling(message.sampling, composition, self._max_tokens(message.sampling, prompts))
-        request = EngineRequest(uuid.uuid4().hex, composition, prompts, params, weights, draft_k, adaptive)
-        return Prepared(request, list(message.sampling.stop), message.return_options, len(prompts[composition.base]))
+        options, score_only = message.return_options, self._scores_only(message)
+        self._check_returns(options, composition, prompts)
+        params = self._sampling(message.sampling, composition, 1 if score_only else self._max_tokens(message.sampling, prompts))
+        request = EngineRequest(
+            uuid.uuid4().hex, composition, prompts, params, weights, 0 if score_only else draft_k, adaptive,
+            score_prompt=options.prompt_logprobs, score_only=score_only, top_logprobs=options.top_logprobs,
+        )  # fmt: skip
+        return Prepared(request, list(message.sampling.stop), options, len(prompts[composition.base]))
 
     def submit(self, message: eft_pb2.GenerateRequest, timeout: float | None = None) -> "Submitted":
         """Validate and queue a request. ``timeout``: seconds from now for the whole request
@@ -228,6 +234,28 @@ class Gateway:
         if chars > max(spans) * NORMALIZE_SLACK * self.limits.max_prompt_tokens:
             raise ResourceExhaustedError(f"a prompt of {chars} characters is over {self.limits.max_prompt_tokens} tokens (the limit) in any tokenization", field="prompt")
 
+    @staticmethod
+    def _scores_only(message: eft_pb2.GenerateRequest) -> bool:
+        """max_tokens set to 0: score the prompt, generate nothing."""
+        if not message.sampling.HasField("max_tokens") or message.sampling.max_tokens:
+            return False
+        require(message.return_options.prompt_logprobs, "sampling.max_tokens", "0 generates nothing: set return_options.prompt_logprobs to score the prompt, or ask for at least 1 token")
+        return True
+
+    def _check_returns(self, options: eft_pb2.ReturnOptions, composition: Composition, prompts: dict[str, list[int]]) -> None:
+        """Top logprobs within the limit, of logprobs asked; a scored prompt that every scored
+        model sees alike, whose logits fit one worker answer per model."""
+        top = options.top_logprobs
+        require(0 <= top <= self.limits.max_top_logprobs, "return_options.top_logprobs", f"must be in [0, {self.limits.max_top_logprobs}], got {top}")
+        require(not top or options.logprobs or options.prompt_logprobs, "return_options.top_logprobs", "needs logprobs or prompt_logprobs: they are what it ranks")
+        if not options.prompt_logprobs:
+            return
+        differ = sorted(m for m in composition.scored_models if prompts[m] != prompts[composition.base])
+        require(not differ, "return_options.prompt_logprobs", f"needs every model of {composition.name!r} to see the same prompt tokens, and {differ} render this chat differently from {composition.base!r}: send a text or token-id prompt")
+        row_bytes, largest = 4 * self.scheduler.engine.vocab_sizes[composition.name], self.scheduler.engine.calls.max_answer_bytes
+        if len(prompts[composition.base]) * row_bytes > largest:
+            raise ResourceExhaustedError(f"scoring {len(prompts[composition.base])} prompt tokens returns more logits than one worker answer holds ({largest >> 20} MiB: at most {largest // row_bytes} tokens at this vocabulary)", field="return_options.prompt_logprobs")
+
     def _max_tokens(self, message: eft_pb2.Sampling, prompts: dict[str, list[int]]) -> int:
         """The request's max_tokens: within the limit, and such that every model's prompt plus
         every generated token fits that model's context (an unset one: what fits, up to the
@@ -322,6 +350,17 @@ class _Replies:
         self.clock = RequestClock(gateway.metrics, self.composition.name, submitted.arrived)
         self.metrics.prompt_tokens.labels(self.composition.name).inc(self.prepared.prompt_tokens)
         self.code, self.cut_short = "CANCELLED", False
+        self.prompt_told = False  # the prompt's scores go in the first reply
+
+    def _tell_prompt(self, reply: eft_pb2.GenerateStreamResponse) -> None:
+        request = self.prepared.request
+        if request.prompt_logprobs is None:  # it ended before its first iteration (cancelled, an error)
+            return
+        reply.prompt_token_ids.extend(request.prompts[self.composition.base])
+        reply.prompt_logprobs.extend(request.prompt_logprobs)
+        if request.top_logprobs:
+            reply.prompt_top_logprobs.extend(_top_logprobs(top) for top in request.prompt_top)
+        self.prompt_told = True
 
     def of(self, chunk) -> eft_pb2.GenerateStreamResponse:
         """The message for ``chunk``; ``cut_short`` after it when a stop string ended the text
@@ -348,6 +387,10 @@ class _Replies:
             reply.logprobs.extend(chunk.logprobs[:kept])
         if options.rewards:
             reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards[:kept])
+        if options.logprobs and options.top_logprobs:
+            reply.top_logprobs.extend(_top_logprobs(top) for top in chunk.top[:kept])
+        if options.prompt_logprobs and not self.prompt_told:
+            self._tell_prompt(reply)
         if final:
             self._finish(reply, "stop" if text.stopped else chunk.finish_reason)
         return reply
@@ -364,6 +407,10 @@ class _Replies:
 
     def close(self) -> None:
         self.metrics.requests.labels(self.code).inc()
+
+
+def _top_logprobs(top: list[tuple[int, float]]) -> eft_pb2.TopLogprobs:
+    return eft_pb2.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
 
 
 _FINISH = {"stop": eft_pb2.FINISH_REASON_STOP, "length": eft_pb2.FINISH_REASON_LENGTH, "cancelled": eft_pb2.FINISH_REASON_CANCELLED}

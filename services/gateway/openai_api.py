@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Annotated, Literal
 
 import anyio
@@ -81,7 +82,9 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (vLLM's); one prompt per request
-    logprobs: Annotated[int, Field(ge=0, le=1)] | None = None  # the sampled token's only
+    max_tokens: Annotated[int, Field(ge=0, le=INT32)] | None = None  # 0 with echo: score the prompt only
+    logprobs: Annotated[int, Field(ge=0, le=INT32)] | None = None  # each token's, and its N most probable (limits.max_top_logprobs)
+    echo: bool = False  # the prompt before the completion, with its tokens' logprobs where logprobs is set
 
 
 # OpenAI request fields EFT Serve does not support, with the values that ask for nothing (a
@@ -89,7 +92,6 @@ class CompletionBody(_Body):
 # field. A field in neither OpenAI's API nor EFT Serve's extras is a 400 naming it too.
 UNSUPPORTED = {
     "best_of": (1,),
-    "echo": (False,),
     "suffix": ("",),
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
@@ -112,14 +114,17 @@ UNSUPPORTED = {
 }
 
 
-def _drop_unsupported(data: dict) -> dict:
-    """``data`` without the UNSUPPORTED fields that ask for nothing (None included); one
+CHAT_UNSUPPORTED = {**UNSUPPORTED, "echo": (False,)}  # completions echo the prompt; a chat does not
+
+
+def _drop_unsupported(data: dict, unsupported: dict) -> dict:
+    """``data`` without the ``unsupported`` fields that ask for nothing (None included); one
     that asks for something is refused by name."""
-    for name in UNSUPPORTED.keys() & data.keys():
-        if not _asks_nothing(data[name], UNSUPPORTED[name]):
-            accepted = f" (accepted: {', '.join(json.dumps(v) for v in UNSUPPORTED[name])})" if UNSUPPORTED[name] else ""
+    for name in unsupported.keys() & data.keys():
+        if not _asks_nothing(data[name], unsupported[name]):
+            accepted = f" (accepted: {', '.join(json.dumps(v) for v in unsupported[name])})" if unsupported[name] else ""
             raise InvalidArgumentError(f"not supported by EFT Serve{accepted}", field=name)
-    return {key: value for key, value in data.items() if key not in UNSUPPORTED}
+    return {key: value for key, value in data.items() if key not in unsupported}
 
 
 def _asks_nothing(value, accepted: tuple) -> bool:
@@ -139,7 +144,7 @@ class ChatBody(_Body):
     messages: list[_Message]
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
     logprobs: bool = False
-    top_logprobs: Literal[0] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=INT32)] | None = None  # with logprobs: the N most probable at each token (limits.max_top_logprobs)
 
 
 class TokenizeBody(BaseModel):
@@ -247,7 +252,7 @@ async def _parsed(request: Request, model: type[BaseModel], gateway: Gateway):
     if isinstance(data.get("messages"), list):
         gateway.check_chat_length(len(data["messages"]))
     try:
-        return model.model_validate(_drop_unsupported(data))
+        return model.model_validate(_drop_unsupported(data, CHAT_UNSUPPORTED if model is ChatBody else UNSUPPORTED))
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -282,7 +287,8 @@ def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
     prompts = [body.prompt] if one else body.prompt
     if len(prompts) != 1:
         raise InvalidArgumentError(f"one prompt per request, got {len(prompts)}", field="prompt")
-    message = _common(body, body.max_tokens, logprobs=body.logprobs is not None)
+    message = _common(body, body.max_tokens, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+    message.return_options.prompt_logprobs = body.echo and (body.logprobs is not None or body.max_tokens == 0)
     if isinstance(prompts[0], str):
         message.text = prompts[0]
     else:  # the gateway checks them against the vocabulary; the wire's uint32 first
@@ -293,7 +299,9 @@ def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
 
 
 def _chat_request(body: ChatBody) -> eft_pb2.GenerateRequest:
-    return _with_messages(_common(body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs), body.messages)
+    top = body.top_logprobs or 0
+    require(not top or body.logprobs, "top_logprobs", "needs logprobs: true")
+    return _with_messages(_common(body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs, top=top), body.messages)
 
 
 def _with_messages(message: eft_pb2.GenerateRequest, messages: list[_Message]) -> eft_pb2.GenerateRequest:
@@ -314,11 +322,11 @@ def _text_content(content: str | list[dict], index: int) -> str:
     return "".join(parts)
 
 
-def _common(body: _Body, max_tokens: int | None, logprobs: bool) -> eft_pb2.GenerateRequest:
+def _common(body: _Body, max_tokens: int | None, logprobs: bool, top: int) -> eft_pb2.GenerateRequest:
     sampling = eft_pb2.Sampling(
         top_k=max(body.top_k, 0),  # -1: off, as in vLLM
         conservative_top_p=body.conservative_top_p,
-        max_tokens=max_tokens or 0,
+        max_tokens=max_tokens,
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         ignore_eos=body.ignore_eos,
     )
@@ -330,7 +338,7 @@ def _common(body: _Body, max_tokens: int | None, logprobs: bool) -> eft_pb2.Gene
         weights=body.weights,
         sampling=sampling,
         speculation=_speculation(body.speculation),
-        return_options=eft_pb2.ReturnOptions(token_ids=True, logprobs=logprobs, rewards=body.implicit_rewards),
+        return_options=eft_pb2.ReturnOptions(token_ids=True, logprobs=logprobs, rewards=body.implicit_rewards, top_logprobs=top),
     )
 
 
@@ -348,7 +356,8 @@ def _speculation(value) -> eft_pb2.Speculation:
 
 
 class _Format:
-    """Turns gateway chunks into one OpenAI object type (completion or chat)."""
+    """Turns gateway replies into one OpenAI object type (completion or chat): ``choice``
+    makes a choice from one sample's replies (all of them, or a stream's one chunk)."""
 
     object_whole = object_chunk = ""
 
@@ -356,24 +365,28 @@ class _Format:
         self.gateway, self.body = gateway, body
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.model = body.model or gateway.default_composition
-        self.prompt_ids: list[int] | None = None  # return_token_ids: the base model's prompt
-        self.prompt_told: set[int] = set()  # the choices that have said it (once each)
+        self.tokenizer, self.prompt_ids = None, []  # the base model's, and its prompt: once asked
+        self.told: set[int] = set()  # the choices that have made their first object
 
     def asked(self, submitted: Submitted) -> None:
-        if self.body.return_token_ids:
-            self.prompt_ids = submitted.prepared.request.prompts[submitted.prepared.request.composition.base]
+        """The request is in: the composition it named is known."""
+        base = submitted.prepared.request.composition.base
+        self.tokenizer, self.prompt_ids = self.gateway.tokenizers[base], submitted.prepared.request.prompts[base]
+
+    def first(self, index: int) -> bool:
+        """Whether this is choice ``index``'s first object (the whole reply, or a stream's
+        first chunk): what is said once per choice goes there."""
+        first = index not in self.told
+        self.told.add(index)
+        return first
 
     def token_ids(self, token_ids) -> dict:
         """A choice's ``token_ids`` (return_token_ids, where vLLM puts them)."""
         return {"token_ids": list(token_ids)} if self.body.return_token_ids else {}
 
-    def prompt_once(self, index: int = 0) -> dict:
-        """``prompt_token_ids`` in the first object of choice ``index`` that asks (the whole
-        reply, or the first chunk of a stream), nowhere after."""
-        if self.prompt_ids is None or index in self.prompt_told:
-            return {}
-        self.prompt_told.add(index)
-        return {"prompt_token_ids": self.prompt_ids}
+    def prompt_token_ids(self, first: bool) -> dict:
+        """``prompt_token_ids`` (return_token_ids) in a choice's first object, nowhere after."""
+        return {"prompt_token_ids": self.prompt_ids} if self.body.return_token_ids and first else {}
 
     def top_level(self) -> dict:
         return {}
@@ -381,24 +394,65 @@ class _Format:
     def envelope(self, object_type: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": object_type, "created": self.created, "model": self.model, "choices": choices, **extra}
 
-    def token_strings(self, token_ids) -> list[str]:
-        tokenizer = self.gateway.tokenizers[self.gateway.compositions[self.model].base]
-        return [tokenizer.decode([t]) for t in token_ids]
+    def token_string(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+class _Joined:
+    """One sample's replies, joined: its text, tokens, logprobs and top logprobs, and the
+    prompt's scores (in its first reply)."""
+
+    def __init__(self, replies: list[eft_pb2.GenerateStreamResponse]):
+        self.text = "".join(r.text for r in replies)
+        self.token_ids = [t for r in replies for t in r.token_ids]
+        self.logprobs = [lp for r in replies for lp in r.logprobs]
+        self.top = [top for r in replies for top in r.top_logprobs]
+        self.prompt = replies[0]  # prompt_token_ids, prompt_logprobs, prompt_top_logprobs
+        self.finish_reason = FINISH.get(replies[-1].finish_reason)
 
 
 class _CompletionFormat(_Format):
     prefix, object_whole, object_chunk = "cmpl", "text_completion", "text_completion"
 
-    def choice(self, index: int, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
-        """vLLM's completion choice carries the prompt's ids too."""
-        return {"index": index, "text": text, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids), **self.prompt_once(index)}
+    def __init__(self, gateway: Gateway, body: CompletionBody):
+        super().__init__(gateway, body)
+        self.offsets: dict[int, int] = {}  # per choice: the characters its objects' tokens have covered
 
-    def _logprobs(self, token_ids, logprobs):
+    def choice(self, index: int, replies: list[eft_pb2.GenerateStreamResponse], whole: bool) -> dict:
+        """vLLM's completion choice carries the prompt's ids too; with echo, the prompt's text
+        (and its tokens' logprobs) comes first."""
+        joined, first = _Joined(replies), self.first(index)
+        echoed = self.body.echo and first
+        text = (self._prompt_text() if echoed else "") + joined.text
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, joined, echoed), "finish_reason": joined.finish_reason, **self.token_ids(joined.token_ids), **self.prompt_token_ids(first)}
+
+    def _logprobs(self, index: int, joined: _Joined, echoed: bool) -> dict | None:
+        """OpenAI's legacy logprobs: per token its string, logprob, and a dict of the N most
+        probable (with the token itself, as vLLM adds it); the prompt's first token has none."""
         if self.body.logprobs is None:
             return None
-        tokens = self.token_strings(token_ids)
-        top = [{t: lp} for t, lp in zip(tokens, logprobs)] if self.body.logprobs else None
-        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": []}
+        entries = list(zip(joined.token_ids, joined.logprobs, joined.top))
+        if echoed:
+            prompt = joined.prompt
+            entries = [(prompt.prompt_token_ids[0], None, None), *zip(prompt.prompt_token_ids[1:], prompt.prompt_logprobs, prompt.prompt_top_logprobs or [None] * len(prompt.prompt_logprobs))] + entries
+        if not self.body.logprobs:
+            entries = [(t, lp, None) for t, lp, _ in entries]
+        strings = [self.token_string(t) for t, _, _ in entries]
+        offsets = list(accumulate((len(s) for s in strings), initial=self.offsets.get(index, 0)))
+        self.offsets[index] = offsets.pop()
+        tops = [self._ranked(top, token, lp) if top is not None else None for (token, lp, top) in entries] if self.body.logprobs else None
+        return {"tokens": strings, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops, "text_offset": offsets}
+
+    def _ranked(self, top: eft_pb2.TopLogprobs, token: int, logprob: float) -> dict[str, float]:
+        ranked = {self.token_string(t): lp for t, lp in zip(top.token_ids, top.logprobs)}
+        ranked.setdefault(self.token_string(token), logprob)
+        return ranked
+
+    def _prompt_text(self) -> str:
+        """The prompt as the client sent it: its text, or its token ids' text."""
+        prompt = self.body.prompt
+        text = prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt[0], str) else None
+        return text if text is not None else self.tokenizer.decode(self.prompt_ids)
 
     def first_chunk(self, n: int):
         return None
@@ -407,19 +461,26 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def choice(self, index: int, text: str, token_ids, logprobs, finish_reason, whole: bool) -> dict:
-        content = {"role": "assistant", "content": text} if whole else ({"content": text} if text else {})
+    def choice(self, index: int, replies: list[eft_pb2.GenerateStreamResponse], whole: bool) -> dict:
+        joined = _Joined(replies)
+        self.first(index)
+        content = {"role": "assistant", "content": joined.text} if whole else ({"content": joined.text} if joined.text else {})
         key = "message" if whole else "delta"
-        return {"index": index, key: content, "logprobs": self._logprobs(token_ids, logprobs), "finish_reason": finish_reason, **self.token_ids(token_ids)}
+        return {"index": index, key: content, "logprobs": self._logprobs(joined), "finish_reason": joined.finish_reason, **self.token_ids(joined.token_ids)}
 
     def top_level(self) -> dict:
-        """vLLM's chat reply carries the prompt's ids at its top level."""
-        return self.prompt_once()
+        """vLLM's chat reply carries the prompt's ids at its top level, once."""
+        return self.prompt_token_ids(self.first(-1))
 
-    def _logprobs(self, token_ids, logprobs):
+    def _logprobs(self, joined: _Joined) -> dict | None:
         if not self.body.logprobs:
             return None
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in zip(self.token_strings(token_ids), logprobs)]}
+        tops = joined.top or [eft_pb2.TopLogprobs()] * len(joined.token_ids)
+        return {"content": [{**self._entry(t, lp), "top_logprobs": [self._entry(i, v) for i, v in zip(top.token_ids, top.logprobs)]} for t, lp, top in zip(joined.token_ids, joined.logprobs, tops)]}
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        string = self.token_string(token)
+        return {"token": string, "logprob": logprob, "bytes": list(string.encode())}
 
     def first_chunk(self, n: int):
         roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(n)]
@@ -520,9 +581,7 @@ def _whole(chunks: list[tuple[int, eft_pb2.GenerateStreamResponse]], body: _Body
     choices, finals = [], []
     for index in range(n):
         mine = [c for i, c in chunks if i == index]
-        token_ids = [t for c in mine for t in c.token_ids]
-        logprobs = [lp for c in mine for lp in c.logprobs]
-        choices.append(form.choice(index, "".join(c.text for c in mine), token_ids, logprobs, FINISH.get(mine[-1].finish_reason), whole=True))
+        choices.append(form.choice(index, mine, whole=True))
         finals.append(mine[-1])
     rewards = [list(r.values) for i, c in chunks for r in c.rewards]  # n = 1 (_samples)
     return form.envelope(form.object_whole, choices, **form.top_level(), usage=_usage(finals), eft=_extension(body, finals, rewards))
@@ -539,7 +598,7 @@ async def _events(submitted: list[Submitted], gateway: Gateway, body: _Body, for
         finals = []
         async for index, chunk in _merged(gateway, submitted):
             finish = FINISH.get(chunk.finish_reason)
-            choice = form.choice(index, chunk.text, chunk.token_ids, chunk.logprobs, finish, whole=False)
+            choice = form.choice(index, [chunk], whole=False)
             extra = {"eft": _extension(body, [chunk] if finish else [], [list(r.values) for r in chunk.rewards])} if (finish or body.implicit_rewards) else {}
             yield _event(form.envelope(form.object_chunk, [choice], **extra))
             if finish:

@@ -59,6 +59,10 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
             reply.token_ids.extend(chunk.token_ids)
             reply.logprobs.extend(chunk.logprobs)
             reply.rewards.extend(chunk.rewards)
+            reply.top_logprobs.extend(chunk.top_logprobs)
+            reply.prompt_token_ids.extend(chunk.prompt_token_ids)
+            reply.prompt_logprobs.extend(chunk.prompt_logprobs)
+            reply.prompt_top_logprobs.extend(chunk.prompt_top_logprobs)
             if chunk.finish_reason:
                 reply.finish_reason = chunk.finish_reason
                 reply.usage.CopyFrom(chunk.usage)

@@ -73,7 +73,7 @@ def test_bad_arguments_are_refused_before_any_work(args):
 OUT_OF_RANGE = [
     ["generate", "hi", "--seed", "-1"],
     ["generate", "hi", "--seed", str(2**64)],
-    ["generate", "hi", "--max-tokens", "-1"],
+    ["generate", "hi", "--max-tokens", "0"],
     ["generate", "hi", "--max-tokens", str(2**31)],
     ["serve", "--grpc-port", "70000"],
     ["serve", "--http-port", "-1"],

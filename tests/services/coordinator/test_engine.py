@@ -1,11 +1,13 @@
 """The engine over real workers (reduced family) against the eft_core reference loop."""
 
 import pytest
+import torch
 
 from eft_core import SamplingParams
 from eft_core.draft_length import DraftLengthTuner
 from services.coordinator.engine import Engine, ReplicaPool, pools_of
 from services.coordinator.load import ReplicaLoad
+from services.prompts import TokenPrompt
 from tests.services.coordinator.helpers import make_request, questions, run
 
 
@@ -330,3 +332,36 @@ def test_iteration_timing_splits_wall_time_into_the_slowest_workers_compute_and_
     timing = engine.timing
     assert timing.iterations == steps
     assert 0 < timing.compute_seconds < timing.wall_seconds  # in process, a call's compute is its whole time; gRPC adds transport
+
+
+@pytest.mark.parametrize("composition", ["upscaled", "mixed"])
+def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(workers, oracle, tokenizers, quick_family, composition):
+    """Prompts scored in a batch with an unscored request, a speculating one and a score-only
+    one: every prompt token's EFT logprob and top logprobs, and every emitted token's top
+    logprobs, equal the oracle's one forward over the whole sequence (no cache) within 1e-5."""
+    placement, worker_objects = workers
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
+    texts = [f"the {a} of {e} is" for e in quick_family.world().entities[:2] for a in ("capital", "animal")]
+    params = SamplingParams(temperature=0, max_tokens=6, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    requests = [make_request(i, composition, text, tokenizers, params, draft_k=3 * (i == 1)) for i, text in enumerate(texts)]
+    for r, top in zip(requests[:3], (3, 5, 0)):
+        r.score_prompt, r.top_logprobs = True, top
+    requests[2].score_only = True
+    run(engine, requests)
+    for r, text in zip(requests[:3], texts):
+        prompt, scores = oracle.score(composition, TokenPrompt(tuple(r.prompts["large-base"] + r.tokens)))
+        following = torch.tensor(prompt[1:])[:, None]
+        expected = scores[:-1].gather(1, following)[:, 0]
+        assert len(r.prompt_logprobs) == len(r.prompts["large-base"]) - 1 > 0
+        assert r.prompt_logprobs == pytest.approx(expected[: len(r.prompt_logprobs)].tolist(), abs=1e-5)
+        assert r.tokens == ([] if r.score_only else oracle.generate(composition, text, params).generation.tokens)
+        rows = list(range(len(r.prompt_logprobs))), list(range(len(r.prompt_logprobs), len(r.prompt_logprobs) + len(r.tokens)))
+        for tops, positions in zip((r.prompt_top, r.top), rows):
+            assert len(tops) == (len(positions) if r.top_logprobs else len(tops)) and all(len(t) == r.top_logprobs for t in tops)
+            for top, position in zip(tops, positions):
+                values, ids = scores[position].topk(r.top_logprobs)
+                assert [i for i, _ in top] == ids.tolist() and [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+        if r.top_logprobs and r.tokens:  # greedy: each token is its position's most probable, with the same logprob
+            assert [t[0] for t in r.top] == list(zip(r.tokens, r.logprobs))
+    assert requests[2].finish_reason == "length" and requests[3].prompt_logprobs is None and requests[3].top == [[]] * len(requests[3].tokens)
+    assert all(w.info().sessions == 0 for w in worker_objects)

@@ -65,7 +65,8 @@ def test_greedy_equals_the_reference_loop(service, oracle, quick_family, composi
         assert reply.usage.completion_tokens == len(expected.generation.tokens)
         assert reply.usage.prompt_tokens == len(expected.prompt_ids["large-base"])
         assert len(reply.rewards) == len(reply.token_ids) and all(len(r.values) == len(oracle.compositions[composition].deltas) for r in reply.rewards)
-        assert (reply.stats.drafted > 0) == (mode != OFF)
+        if mode != ADAPTIVE:  # the tuner may measure that drafting does not pay here and choose k = 0
+            assert (reply.stats.drafted > 0) == (mode == FIXED)
     assert sessions_held(worker_objects) == 0
 
 
