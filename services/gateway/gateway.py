@@ -251,7 +251,7 @@ class Gateway:
         if not options.prompt_logprobs:
             return
         differ = sorted(m for m in composition.scored_models if prompts[m] != prompts[composition.base])
-        require(not differ, "return_options.prompt_logprobs", f"needs every model of {composition.name!r} to see the same prompt tokens, and {differ} render this chat differently from {composition.base!r}: send a text or token-id prompt")
+        require(not differ, "return_options.prompt_logprobs", f"needs every model of {composition.name!r} to see the same prompt tokens, but this chat renders differently for {differ} than for {composition.base!r}: send a text or token-id prompt")
         row_bytes, largest = 4 * self.scheduler.engine.vocab_sizes[composition.name], self.scheduler.engine.calls.max_answer_bytes
         if len(prompts[composition.base]) * row_bytes > largest:
             raise ResourceExhaustedError(f"scoring {len(prompts[composition.base])} prompt tokens returns more logits than one worker answer holds ({largest >> 20} MiB: at most {largest // row_bytes} tokens at this vocabulary)", field="return_options.prompt_logprobs")

@@ -1,5 +1,7 @@
 """Building engine requests from chat messages, as the gateway will."""
 
+import torch
+
 from services.coordinator.engine import Engine, EngineRequest
 from services.family.compositions import family_compositions
 from services.prompts import render_prompt
@@ -49,3 +51,11 @@ def start_workers(family, transport: str):
             clients[worker] = GrpcWorkerClient(f"127.0.0.1:{port}")
     placement = {name: clients[w] for w in workers for name in w.models}
     return placement, workers, lambda: [s.stop(grace=None) for s in servers]
+
+
+def scored_prompt(oracle, composition: str, prompt):
+    """The oracle's scoring of ``prompt``: its tokens (as the base renders them), each
+    token's EFT logprob after the first, and the EFT logprobs at every position."""
+    ids, scores = oracle.score(composition, prompt)
+    following = torch.tensor(ids[1:], dtype=torch.long)[:, None]
+    return ids, scores[:-1].gather(1, following)[:, 0].tolist(), scores

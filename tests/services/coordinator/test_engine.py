@@ -1,14 +1,13 @@
 """The engine over real workers (reduced family) against the eft_core reference loop."""
 
 import pytest
-import torch
 
 from eft_core import SamplingParams
 from eft_core.draft_length import DraftLengthTuner
 from services.coordinator.engine import Engine, ReplicaPool, pools_of
 from services.coordinator.load import ReplicaLoad
 from services.prompts import TokenPrompt
-from tests.services.coordinator.helpers import make_request, questions, run
+from tests.services.coordinator.helpers import make_request, questions, run, scored_prompt
 
 
 @pytest.mark.parametrize("composition", ["upscaled", "mixed"])
@@ -349,11 +348,9 @@ def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(workers, ora
     requests[2].score_only = True
     run(engine, requests)
     for r, text in zip(requests[:3], texts):
-        prompt, scores = oracle.score(composition, TokenPrompt(tuple(r.prompts["large-base"] + r.tokens)))
-        following = torch.tensor(prompt[1:])[:, None]
-        expected = scores[:-1].gather(1, following)[:, 0]
+        _, expected, scores = scored_prompt(oracle, composition, TokenPrompt(tuple(r.prompts["large-base"] + r.tokens)))
         assert len(r.prompt_logprobs) == len(r.prompts["large-base"]) - 1 > 0
-        assert r.prompt_logprobs == pytest.approx(expected[: len(r.prompt_logprobs)].tolist(), abs=1e-5)
+        assert r.prompt_logprobs == pytest.approx(expected[: len(r.prompt_logprobs)], abs=1e-5)
         assert r.tokens == ([] if r.score_only else oracle.generate(composition, text, params).generation.tokens)
         rows = list(range(len(r.prompt_logprobs))), list(range(len(r.prompt_logprobs), len(r.prompt_logprobs) + len(r.tokens)))
         for tops, positions in zip((r.prompt_top, r.top), rows):

@@ -12,7 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from eft_core import SamplingParams
+from eft_core import SamplingParams, eft_logprobs
 from services.coordinator.engine import Engine, pools_of
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
@@ -24,7 +24,7 @@ from services.security import HEALTHZ_PATH
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from services.prompts import TokenPrompt
 from services.worker.client import model_contexts
-from tests.services.coordinator.helpers import questions, start_workers
+from tests.services.coordinator.helpers import questions, scored_prompt, start_workers
 from tests.services.gateway.test_service import sessions_held
 
 MAX_REQUEST_BYTES = 64 << 10
@@ -420,3 +420,61 @@ def test_streams_beyond_running_and_queued_are_refused_at_once(server, quick_fam
     assert len(outcomes) == 40 and len(served) + len(refused) == 40, outcomes
     assert len(served) >= 10 and served == [40] * len(served) and max(refused) < 1.0
     assert all("max_waiting" in details for _, (code, details) in outcomes if code == "RESOURCE_EXHAUSTED")
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, client, oracle):
+    """lm-evaluation-harness's loglikelihood request (a token-id prompt, echo, logprobs 1,
+    max_tokens 1) and plain prompt scoring (text, max_tokens 0, logprobs 3): the prompt's
+    text comes first; each prompt token after the first has its EFT logprob (the oracle's
+    within 1e-5) and its most probable tokens; the first has none."""
+    ids, expected, scores = scored_prompt(oracle, "upscaled", "the capital of the animal of")
+    reply = client.completions.create(model="upscaled", prompt="the capital of the animal of", echo=True, logprobs=3, max_tokens=0)
+    choice = reply.choices[0]
+    assert choice.text == "the capital of the animal of" and choice.finish_reason == "length" and reply.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [oracle.tokenizers["large-base"].decode([t]) for t in ids] and logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    for position, top in enumerate(logprobs.top_logprobs[1:]):
+        values, _ = scores[position].topk(3)
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(values.tolist(), abs=1e-5) and 3 <= len(top) <= 4  # and the prompt's own token
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and len(logprobs.text_offset) == len(ids)
+    # lm-eval: [[ids]], max_tokens 1; the context's logprobs are [ctxlen:-1], the last is the generated token's
+    body = {"model": "upscaled", "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234}
+    scored = requests.post(server[0] + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert len(scored["token_logprobs"]) == len(ids) + 1 and scored["token_logprobs"][1:-1] == pytest.approx(expected, abs=1e-5)
+    greedy = [lp == max(top.values()) for lp, top in zip(scored["token_logprobs"][1:], scored["top_logprobs"][1:])]
+    assert greedy[-1] and greedy[:-1] == [int(scores[i].argmax()) == t for i, t in enumerate(ids[1:])]  # lm-eval's is_greedy
+    streamed = list(client.completions.create(model="upscaled", prompt="the capital of the animal of", echo=True, logprobs=3, max_tokens=4, temperature=0, stream=True))
+    assert streamed[0].choices[0].text.startswith(choice.text) and streamed[0].choices[0].logprobs.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-5)
+    assert sum(len(c.choices[0].logprobs.tokens) for c in streamed if c.choices) == len(ids) + 4
+
+
+def test_chat_top_logprobs_rank_the_eft_distribution(client, oracle, quick_family):
+    """Each model renders the chat its own way: the oracle's logits at each emitted position,
+    combined, rank the tokens."""
+    messages = questions(quick_family)[2]
+    reply = client.chat.completions.create(model="upscaled", messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=5)
+    want = oracle.generate("upscaled", messages, SamplingParams(temperature=0, max_tokens=6), keep_logits=True)
+    content = reply.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(want.generation.logprobs, abs=1e-5) and len(content) == len(want.step_logits)
+    for entry, logits in zip(content, want.step_logits):
+        target = eft_logprobs({m: x[None, None] for m, x in logits.items()}, oracle.compositions["upscaled"], vocab_size=oracle.vocab_sizes["upscaled"])[0, 0]
+        values, ids = target.topk(5)
+        assert [t.token for t in entry.top_logprobs] == [oracle.tokenizers["large-base"].decode([i]) for i in ids.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5) and entry.top_logprobs[0].token == entry.token
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "return_options.top_logprobs"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "return_options.top_logprobs"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "sampling.max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_logprob_requests_beyond_what_is_served_are_refused_by_name(server, path, body, param):
+    reply = requests.post(server[0] + path, json={"model": "upscaled", **body}, timeout=30)
+    assert (reply.status_code, reply.json()["error"]["param"]) == (400, param), reply.text

@@ -23,7 +23,7 @@ from services.gateway.text import REPLACEMENT
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
 from services.worker.client import model_contexts
 from tests.services.coordinator.helpers import start_workers
-from tests.services.gateway.test_service import sessions_held
+from tests.services.gateway.test_service import SCORED, check_scored_prompt, sessions_held
 from tests.services.gateway.test_text import expected
 
 OFF, FIXED = eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED
@@ -151,3 +151,23 @@ def test_the_sampled_texts_split_characters_over_tokens(stack):
             tokens = reference(stack, seed, speculation)
             split += any(tokenizer.decode(tokens[:n]).endswith(REPLACEMENT) for n in range(len(tokens)))
     assert split >= 12, split
+
+
+@pytest.mark.parametrize("composition", ["upscaled", "mixed"])
+def test_prompt_logprobs_of_multilingual_text_equal_the_oracles_scoring(stack, bpe_oracle, composition):
+    stub, _, _, worker_objects = stack
+    request = eft_pb2.GenerateRequest(composition=composition, text=PROMPT + " 東京 😀", sampling=eft_pb2.Sampling(temperature=0, max_tokens=8, ignore_eos=True), speculation=eft_pb2.Speculation(mode=FIXED, k=3), return_options=SCORED)
+    assert check_scored_prompt(stub, bpe_oracle, request) <= 1e-5
+    assert sessions_held(worker_objects) == 0
+
+
+def test_prompt_logprobs_of_a_chat_each_model_renders_differently_are_refused_by_name(stack):
+    """The family's base models have no chat template: the tuned ones' ChatML prompt is not
+    theirs, so no one prompt's tokens can be scored."""
+    stub, _, _, _ = stack
+    request = chat(QUESTIONS[0], temperature=0)
+    request.return_options.prompt_logprobs = True
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("return_options.prompt_logprobs: needs every model of 'upscaled' to see the same prompt tokens, but this chat renders differently for ['small-tuned'] than for 'large-base'"), error.value.details()

@@ -10,15 +10,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from eft_core import SamplingParams
+from eft_core import ResourceExhaustedError, SamplingParams
 from services.coordinator.engine import Engine, pools_of
+from services.coordinator.health import CallPolicy
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.server import SERVICE_NAME, create_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
-from services.worker.client import model_contexts
-from tests.services.coordinator.helpers import questions, start_workers
+from services.worker.client import InProcessWorkerClient, model_contexts
+from services.prompts import TokenPrompt
+from tests.services.coordinator.helpers import questions, scored_prompt, start_workers
 
 OFF, FIXED, ADAPTIVE = eft_pb2.SPECULATION_MODE_OFF, eft_pb2.SPECULATION_MODE_FIXED, eft_pb2.SPECULATION_MODE_ADAPTIVE
 
@@ -178,6 +180,9 @@ def test_stop_strings_end_the_text_before_them(service, oracle, quick_family):
         (eft_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (eft_pb2.GenerateRequest(text="hi", sampling=eft_pb2.Sampling(max_tokens=41)), grpc.StatusCode.RESOURCE_EXHAUSTED, "sampling.max_tokens"),
         (eft_pb2.GenerateRequest(messages=eft_pb2.ChatMessages(messages=[eft_pb2.ChatMessage(role="robot", content="x")])), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
+        (eft_pb2.GenerateRequest(text="hi", sampling=eft_pb2.Sampling(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+        (eft_pb2.GenerateRequest(text="hi", return_options=eft_pb2.ReturnOptions(logprobs=True, top_logprobs=21)), grpc.StatusCode.INVALID_ARGUMENT, "return_options.top_logprobs"),
+        (eft_pb2.GenerateRequest(text="hi", return_options=eft_pb2.ReturnOptions(top_logprobs=2)), grpc.StatusCode.INVALID_ARGUMENT, "return_options.top_logprobs"),
     ],
 )
 def test_bad_requests_get_precise_statuses(service, request_, code, field):
@@ -234,3 +239,69 @@ def test_a_request_must_fit_every_models_context_and_an_unset_max_tokens_takes_w
         stub.Generate(whole, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fill the context of model" in error.value.details() and "prompt" in error.value.details()
     assert sessions_held(worker_objects) == 0
+
+
+SCORED = eft_pb2.ReturnOptions(token_ids=True, logprobs=True, prompt_logprobs=True, top_logprobs=4)
+
+
+def check_scored_prompt(stub, oracle, request: eft_pb2.GenerateRequest) -> float:
+    """``request`` (a text or token-id prompt, greedy, SCORED) over Generate and
+    GenerateStream: the prompt's logprobs, its top logprobs and the generated tokens' equal
+    the oracle's one uncached forward over prompt + output; the stream's first message
+    carries the prompt's, and with max_tokens 0 the same prompt is scored, nothing made.
+    Returns the largest difference from the oracle."""
+    reply = stub.Generate(request, timeout=60)
+    prompt, tokens = list(reply.prompt_token_ids), list(reply.token_ids)
+    assert prompt == oracle.score(request.composition, request.text or TokenPrompt(tuple(request.tokens.ids)))[0] and tokens
+    _, expected, scores = scored_prompt(oracle, request.composition, TokenPrompt(tuple(prompt + tokens)))
+    assert len(reply.prompt_logprobs) == len(prompt) - 1 and reply.prompt_logprobs == pytest.approx(expected[: len(prompt) - 1], abs=1e-5)
+    assert reply.logprobs == pytest.approx(expected[len(prompt) - 1 :], abs=1e-5)
+    tops = [*reply.prompt_top_logprobs, *reply.top_logprobs]
+    assert len(tops) == len(prompt) - 1 + len(tokens)
+    for position, top in enumerate(tops):
+        values, ids = scores[position].topk(request.return_options.top_logprobs)
+        assert list(top.token_ids) == ids.tolist() and list(top.logprobs) == pytest.approx(values.tolist(), abs=1e-5)
+    assert [t.token_ids[0] for t in reply.top_logprobs] == tokens  # greedy: the most probable
+    chunks = list(stub.GenerateStream(request, timeout=60))  # a batch of other sizes: the same values up to float rounding
+    assert [len(c.prompt_logprobs) for c in chunks] == [len(prompt) - 1] + [0] * (len(chunks) - 1) and list(chunks[0].prompt_token_ids) == prompt
+    assert list(chunks[0].prompt_logprobs) == pytest.approx(expected[: len(prompt) - 1], abs=1e-5)
+    assert [t for c in chunks for t in c.token_ids] == tokens and [t.token_ids for c in chunks for t in c.top_logprobs] == [t.token_ids for t in reply.top_logprobs]
+    only = eft_pb2.GenerateRequest()
+    only.CopyFrom(request)
+    only.sampling.max_tokens = 0
+    scored = stub.Generate(only, timeout=60)
+    assert (list(scored.token_ids), scored.text, scored.finish_reason, scored.usage.completion_tokens) == ([], "", eft_pb2.FINISH_REASON_LENGTH, 0)
+    assert list(scored.prompt_logprobs) == pytest.approx(expected[: len(prompt) - 1], abs=1e-5)
+    assert [t.token_ids for t in scored.prompt_top_logprobs] == [t.token_ids for t in reply.prompt_top_logprobs]
+    return max(abs(a - b) for a, b in zip([*reply.prompt_logprobs, *reply.logprobs], expected))
+
+
+@pytest.mark.parametrize("composition", ["upscaled", "mixed"])
+@pytest.mark.parametrize("mode, k", [(OFF, 0), (FIXED, 3)])
+def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(service, oracle, quick_family, composition, mode, k):
+    stub, _, worker_objects, _ = service
+    entity = quick_family.world().entities[3]
+    text = eft_pb2.GenerateRequest(composition=composition, text=f"the capital of {entity} is", sampling=eft_pb2.Sampling(temperature=0, max_tokens=6), speculation=eft_pb2.Speculation(mode=mode, k=k), return_options=SCORED)
+    check_scored_prompt(stub, oracle, text)
+    ids = oracle.score(composition, f"the animal of {entity} is")[0]
+    tokens = eft_pb2.GenerateRequest(composition=composition, tokens=eft_pb2.TokenIds(ids=ids), sampling=eft_pb2.Sampling(temperature=0, max_tokens=4), return_options=SCORED)
+    check_scored_prompt(stub, oracle, tokens)
+    assert sessions_held(worker_objects) == 0
+
+
+def test_a_prompt_scored_with_over_limit_logits_is_refused_before_any_work(service, tokenizers):
+    """The prompt's logits must fit one worker answer per model (CallPolicy.max_answer_bytes)."""
+    _, _, worker_objects, scheduler = service
+    vocab = scheduler.engine.vocab_sizes["upscaled"]
+    small = Scheduler(Engine({}, scheduler.engine.vocab_sizes, calls=CallPolicy(max_answer_bytes=4 * vocab * 5)), max_running=1, max_waiting=1)
+    gateway = Gateway(family_compositions(), tokenizers, model_contexts(InProcessWorkerClient(w) for w in worker_objects), small, "upscaled")
+    try:
+        request = eft_pb2.GenerateRequest(text="the capital of the animal of", return_options=eft_pb2.ReturnOptions(prompt_logprobs=True))
+        with pytest.raises(ResourceExhaustedError, match=r"at most 5 tokens at this vocabulary") as error:
+            gateway.prepare(request)
+        assert error.value.field == "return_options.prompt_logprobs"
+        request.text = "the capital"
+        assert gateway.prepare(request).request.score_prompt
+    finally:
+        small.close()
+
