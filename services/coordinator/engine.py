@@ -73,8 +73,9 @@ class EngineRequest:
     logprobs: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob) of the top_logprobs most probable
-    prompt_logprobs: list[float] | None = None  # once scored: per prompt token after the first
+    prompt_logprobs: list[float] = field(default_factory=list)  # per prompt token after the first, as scored
     prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # as top, per prompt token after the first
+    prompt_sent: int = 0  # while scoring: the prompt tokens its scored models have been sent
     finish_reason: str | None = None
     error: EFTError | None = None
     stats: SpeculationStats = field(default_factory=SpeculationStats)
@@ -102,10 +103,15 @@ class EngineRequest:
         return min(k, self.params.max_tokens - len(self.tokens) - 1)
 
     @property
-    def prompt_positions(self) -> int:
-        """Prompt positions to score this iteration besides the ones it generates from: every
-        one but the last (which predicts the first new token), in its first iteration."""
-        return len(self.prompts[self.composition.base]) - 1 if self.score_prompt and self.prompt_logprobs is None else 0
+    def scoring(self) -> bool:
+        """Its prompt is being scored: sent in parts, each part's every position scored, before
+        it drafts or generates."""
+        return self.score_prompt and self.prompt_sent < len(self.prompts[self.composition.base])
+
+    def prompt_part(self, rows: int) -> int:
+        """While scoring, the prompt tokens to send this iteration: as many as ``rows`` logits
+        (what one worker answer holds) cover; 0 once scored."""
+        return min(len(self.prompts[self.composition.base]) - self.prompt_sent, rows) if self.scoring else 0
 
     @property
     def tuning_context(self) -> tuple | None:
@@ -191,18 +197,23 @@ class Engine:
         active = [r for r in requests if not r.done]
         started, emitted_before, self._compute = time.perf_counter(), {r.id: len(r.tokens) for r in active}, 0.0
         tuned = {c: self.tuner.choose(self.tuner.context(*c, len(active))) for c in {r.tuning_context for r in active if r.adaptive}}
-        ks = {r.id: r.next_k(tuned.get(r.tuning_context)) for r in active}
+        parts = {r.id: r.prompt_part(self._answer_rows(r.composition)) for r in active}
+        ks = {r.id: 0 if parts[r.id] else r.next_k(tuned.get(r.tuning_context)) for r in active}
         for r in active:
             r.current_k = ks[r.id]
         drafted = self._draft([r for r in active if ks[r.id] > 0], ks)
         drafted_at = time.perf_counter()
-        scored = self._score([r for r in active if not r.done], drafted)
+        scored = self._score([r for r in active if not r.done], drafted, parts)
         scored_at = time.perf_counter()
         deciding = [r for r in active if not r.done]
         for rows in _by_composition(deciding).values():
-            self._decide(rows, scored, drafted)
+            self._decide(rows, scored, drafted, parts)
         for r in deciding:
-            if not r.done:
+            if r.done:
+                continue
+            if r.scoring:  # a part of its prompt: the rest stays unsent
+                r.cache.prefilled(r.composition.scored_models, parts[r.id])
+            else:
                 r.cache.stepped(r.composition.scored_models, drafted.get(r.id, ([], None))[0], r.tokens[r.emitted_from :], r.draft_k > 0)
         self.phase_seconds = {"draft": drafted_at - started, "score": scored_at - drafted_at, "decide": time.perf_counter() - scored_at}
         self.release([r for r in active if r.done])
@@ -331,13 +342,19 @@ class Engine:
                 results[r.id] = (answer.draft_tokens, answer.q)
         return results
 
-    def _score(self, requests: list[EngineRequest], drafted) -> dict[str, dict[str, torch.Tensor]]:
+    def _answer_rows(self, composition: Composition) -> int:
+        """Logits rows one worker answer holds at the composition's vocabulary (float32 at most)."""
+        return max(1, self.calls.max_answer_bytes // (4 * self.vocab_sizes[composition.name]))
+
+    def _score(self, requests: list[EngineRequest], drafted, parts: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+        """Every request's scored models get the tokens they lack plus its drafts, asking the
+        last k + 1 logits; a request scoring its prompt sends the next part, asking all of it."""
         calls = defaultdict(list)
         for r in requests:
-            drafts = drafted.get(r.id, ([], None))[0]
+            drafts, part = drafted.get(r.id, ([], None))[0], parts[r.id]
             for model in r.composition.scored_models:
-                unsent, truncate_to = r.cache.to_send(model)
-                calls[r.placement[model]].append((r, ExtendItem(r.id, model, unsent + drafts, r.prompt_positions + len(drafts) + 1, truncate_to)))
+                unsent, truncate_to = r.cache.to_send(model, most=part or None)
+                calls[r.placement[model]].append((r, ExtendItem(r.id, model, unsent + drafts, part or len(drafts) + 1, truncate_to)))
         results = defaultdict(dict)
         for (r, item), answer in self._call_all(calls, "extend"):
             if self._well_formed(r, item, answer) and self._cache_kept(r, item.model, len(item.token_ids), answer.cache_length):
@@ -367,26 +384,24 @@ class Engine:
             r.error, r.finish_reason = UnavailableError(f"the worker lost this request's cache for {key!r} (it holds {length} tokens, {expected} expected); retry the request"), "error"
         return not r.done
 
-    def _decide(self, rows: list[EngineRequest], scored, drafted) -> None:
+    def _decide(self, rows: list[EngineRequest], scored, drafted, parts: dict[str, int]) -> None:
         """One decide for every request of a composition, speculating or not: the positions
-        of all rows (1, or k + 1 for a row that drafted k, after the prompt's positions in a
-        row that scores its prompt) combined at once, the prompts' tokens scored, one
-        acceptance over the generating positions (a row without drafts samples plainly),
-        then the emitted tokens' logprobs, top logprobs and implicit rewards gathered, and
-        emitted. A score-only row generates nothing and ends here."""
+        of all rows (1, or k + 1 for a row that drafted k; a prompt part's every position)
+        combined at once, the prompt parts' tokens scored, one acceptance over the generating
+        positions (a row without drafts samples plainly), then the emitted tokens' logprobs,
+        top logprobs and implicit rewards gathered, and emitted. A row generates once its
+        prompt is scored (the part's last position predicts its first token); a score-only
+        row ends there instead."""
         composition = rows[0].composition
         vocab = self.vocab_sizes[composition.name]
         drafts = [drafted[r.id][0] if r.id in drafted else [] for r in rows]
-        prompt_positions = [r.prompt_positions for r in rows]
-        positions = [p + len(d) + 1 for p, d in zip(prompt_positions, drafts)]
+        positions = [parts[r.id] or len(d) + 1 for r, d in zip(rows, drafts)]
         per_model = {m: torch.cat([scored[r.id][m][:, :vocab] for r in rows]).to(self.device)[:, None] for m in composition.scored_models}  # [positions, 1, vocab]
         weights = torch.cat([r.weights_tensor.expand(n, -1) for r, n in zip(rows, positions)]).to(self.device)
         target = eft_logprobs(per_model, composition, weights, vocab)[:, 0]  # [positions, vocab]
         starts = [0, *accumulate(positions)][:-1]
-        for r, start, n in zip(rows, starts, prompt_positions):
-            if r.score_prompt and r.prompt_logprobs is None:
-                _score_prompt(r, target[start : start + n])
-        deciding = [i for i, r in enumerate(rows) if not r.score_only]
+        prompt_positions = [_score_prompt_part(r, parts[r.id], target[start : start + n]) if parts[r.id] else 0 for r, start, n in zip(rows, starts, positions)]
+        deciding = [i for i, r in enumerate(rows) if not r.scoring and not r.score_only]
         generating = [starts[i] + prompt_positions[i] + j for i in deciding for j in range(len(drafts[i]) + 1)]
         nucleus = per_model[composition.nucleus_model][:, 0]
         if len(generating) < len(target):  # a prompt scored, or a score-only row: decide from the rest
@@ -411,7 +426,7 @@ class Engine:
             self._emit(r, row_tokens, logprobs[offset : offset + n], rewards[offset : offset + n], [t[: r.top_logprobs] for t in tops[offset : offset + n]])
             offset += n
         for r in rows:
-            if r.score_only:
+            if r.score_only and not r.scoring:
                 r.finish_reason = "length"
 
     @staticmethod
@@ -511,12 +526,17 @@ class Engine:
         return UnavailableError(f"worker replica {_name(client)} failed {method} ({error}); retry the request")
 
 
-def _score_prompt(r: EngineRequest, target: torch.Tensor) -> None:
-    """The logprob of each prompt token after the first, and its top logprobs, from
-    ``target``: the EFT logprobs at the positions before them."""
-    following = torch.tensor(r.prompts[r.composition.base][1:], dtype=torch.long, device=target.device)
-    r.prompt_logprobs = target.gather(1, following[:, None])[:, 0].tolist()
-    r.prompt_top = _top(target, r.top_logprobs)
+def _score_prompt_part(r: EngineRequest, part: int, target: torch.Tensor) -> int:
+    """Score the ``part`` prompt tokens sent this iteration, from ``target``, their positions'
+    EFT logprobs: each position's next prompt token's logprob and its top logprobs (the
+    prompt's last position predicts no prompt token). Returns the positions scored."""
+    prompt = r.prompts[r.composition.base]
+    following = prompt[r.prompt_sent + 1 : r.prompt_sent + part + 1]
+    r.prompt_sent += part
+    scored = target[: len(following)]
+    r.prompt_logprobs += scored.gather(1, torch.tensor(following, dtype=torch.long, device=target.device)[:, None])[:, 0].tolist()
+    r.prompt_top += _top(scored, r.top_logprobs)
+    return len(following)
 
 
 def _top(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:

@@ -19,10 +19,17 @@ class CacheLedger:
         self.cached: dict[str, int] = {}  # key -> tokens its cache holds (after pending rollbacks)
         self.rollback: dict[str, int] = {}  # key -> length to truncate to, sent with its next call
 
-    def to_send(self, key: str) -> tuple[list[int], int | None]:
-        """The tokens the cache lacks, and the length to cut it to first (None: no cut);
-        the rollback leaves the ledger with this call."""
-        return self.unsent[key], self.rollback.pop(key, None)
+    def to_send(self, key: str, most: int | None = None) -> tuple[list[int], int | None]:
+        """The tokens the cache lacks (the first ``most`` of them), and the length to cut it
+        to first (None: no cut); the rollback leaves the ledger with this call."""
+        tokens = self.unsent[key] if most is None else self.unsent[key][:most]
+        return tokens, self.rollback.pop(key, None)
+
+    def prefilled(self, keys: Iterable[str], sent: int) -> None:
+        """After an iteration that sent these caches the first ``sent`` tokens they lacked
+        (a part of the prompt): they lack the rest."""
+        for key in keys:
+            self.unsent[key] = self.unsent[key][sent:]
 
     def answered(self, key: str, added: int, length: int) -> int | None:
         """Record the length the worker says the cache holds after ``added`` tokens. Returns

@@ -244,7 +244,7 @@ class Gateway:
 
     def _check_returns(self, options: eft_pb2.ReturnOptions, composition: Composition, prompts: dict[str, list[int]]) -> None:
         """Top logprobs within the limit, of logprobs asked; a scored prompt that every scored
-        model sees alike, whose logits fit one worker answer per model."""
+        model sees alike."""
         top = options.top_logprobs
         require(0 <= top <= self.limits.max_top_logprobs, "return_options.top_logprobs", f"must be in [0, {self.limits.max_top_logprobs}], got {top}")
         require(not top or options.logprobs or options.prompt_logprobs, "return_options.top_logprobs", "needs logprobs or prompt_logprobs: they are what it ranks")
@@ -252,9 +252,6 @@ class Gateway:
             return
         differ = sorted(m for m in composition.scored_models if prompts[m] != prompts[composition.base])
         require(not differ, "return_options.prompt_logprobs", f"needs every model of {composition.name!r} to see the same prompt tokens, but this chat renders differently for {differ} than for {composition.base!r}: send a text or token-id prompt")
-        row_bytes, largest = 4 * self.scheduler.engine.vocab_sizes[composition.name], self.scheduler.engine.calls.max_answer_bytes
-        if len(prompts[composition.base]) * row_bytes > largest:
-            raise ResourceExhaustedError(f"scoring {len(prompts[composition.base])} prompt tokens returns more logits than one worker answer holds ({largest >> 20} MiB: at most {largest // row_bytes} tokens at this vocabulary)", field="return_options.prompt_logprobs")
 
     def _max_tokens(self, message: eft_pb2.Sampling, prompts: dict[str, list[int]]) -> int:
         """The request's max_tokens: within the limit, and such that every model's prompt plus
@@ -354,7 +351,7 @@ class _Replies:
 
     def _tell_prompt(self, reply: eft_pb2.GenerateStreamResponse) -> None:
         request = self.prepared.request
-        if request.prompt_logprobs is None:  # it ended before its first iteration (cancelled, an error)
+        if request.scoring:  # it ended before its prompt was scored (cancelled, an error)
             return
         reply.prompt_token_ids.extend(request.prompts[self.composition.base])
         reply.prompt_logprobs.extend(request.prompt_logprobs)

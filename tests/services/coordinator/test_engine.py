@@ -1,10 +1,13 @@
 """The engine over real workers (reduced family) against the eft_core reference loop."""
 
+import math
+
 import pytest
 
 from eft_core import SamplingParams
 from eft_core.draft_length import DraftLengthTuner
 from services.coordinator.engine import Engine, ReplicaPool, pools_of
+from services.coordinator.health import CallPolicy
 from services.coordinator.load import ReplicaLoad
 from services.prompts import TokenPrompt
 from tests.services.coordinator.helpers import make_request, questions, run, scored_prompt
@@ -331,25 +334,35 @@ def test_iteration_timing_splits_wall_time_into_the_slowest_workers_compute_and_
     timing = engine.timing
     assert timing.iterations == steps
     assert 0 < timing.compute_seconds < timing.wall_seconds  # in process, a call's compute is its whole time; gRPC adds transport
+    engine.wait_released()  # releases run off the loop: the module's next test reuses the request ids
 
 
 @pytest.mark.parametrize("composition", ["upscaled", "mixed"])
-def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(workers, oracle, tokenizers, quick_family, composition):
+@pytest.mark.parametrize("answer_rows", [None, 3])
+def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(workers, oracle, tokenizers, quick_family, composition, answer_rows):
     """Prompts scored in a batch with an unscored request, a speculating one and a score-only
     one: every prompt token's EFT logprob and top logprobs, and every emitted token's top
-    logprobs, equal the oracle's one forward over the whole sequence (no cache) within 1e-5."""
+    logprobs, equal the oracle's one forward over the whole sequence (no cache) within 1e-5.
+    ``answer_rows`` 3: a worker answer holds 3 rows of logits, so each prompt is sent and
+    scored 3 tokens an iteration (as a 128k vocabulary's 512 rows in 256 MiB)."""
     placement, worker_objects = workers
-    engine = Engine(pools_of(placement), oracle.vocab_sizes)
+    calls = CallPolicy(max_answer_bytes=4 * oracle.vocab_sizes[composition] * answer_rows) if answer_rows else CallPolicy()
+    engine = Engine(pools_of(placement), oracle.vocab_sizes, calls=calls)
     texts = [f"the {a} of {e} is" for e in quick_family.world().entities[:2] for a in ("capital", "animal")]
     params = SamplingParams(temperature=0, max_tokens=6, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
     requests = [make_request(i, composition, text, tokenizers, params, draft_k=3 * (i == 1)) for i, text in enumerate(texts)]
     for r, top in zip(requests[:3], (3, 5, 0)):
         r.score_prompt, r.top_logprobs = True, top
     requests[2].score_only = True
+    steps = 0
+    while not requests[2].done:
+        engine.step(requests)
+        steps += 1
     run(engine, requests)
+    assert steps == (math.ceil(len(requests[2].prompts["large-base"]) / answer_rows) if answer_rows else 1)  # score-only: one part an iteration
     for r, text in zip(requests[:3], texts):
         _, expected, scores = scored_prompt(oracle, composition, TokenPrompt(tuple(r.prompts["large-base"] + r.tokens)))
-        assert len(r.prompt_logprobs) == len(r.prompts["large-base"]) - 1 > 0
+        assert len(r.prompt_logprobs) == len(r.prompts["large-base"]) - 1 > 0, r.error
         assert r.prompt_logprobs == pytest.approx(expected[: len(r.prompt_logprobs)], abs=1e-5)
         assert r.tokens == ([] if r.score_only else oracle.generate(composition, text, params).generation.tokens)
         rows = list(range(len(r.prompt_logprobs))), list(range(len(r.prompt_logprobs), len(r.prompt_logprobs) + len(r.tokens)))
@@ -360,5 +373,5 @@ def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(workers, ora
                 assert [i for i, _ in top] == ids.tolist() and [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
         if r.top_logprobs and r.tokens:  # greedy: each token is its position's most probable, with the same logprob
             assert [t[0] for t in r.top] == list(zip(r.tokens, r.logprobs))
-    assert requests[2].finish_reason == "length" and requests[3].prompt_logprobs is None and requests[3].top == [[]] * len(requests[3].tokens)
+    assert requests[2].finish_reason == "length" and requests[3].prompt_logprobs == [] and requests[3].top == [[]] * len(requests[3].tokens)
     assert all(w.info().sessions == 0 for w in worker_objects)

@@ -10,15 +10,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from eft_core import ResourceExhaustedError, SamplingParams
+from eft_core import SamplingParams
 from services.coordinator.engine import Engine, pools_of
-from services.coordinator.health import CallPolicy
 from services.coordinator.scheduler import Scheduler
 from services.family.compositions import family_compositions
 from services.gateway.gateway import Gateway, Limits
 from services.gateway.server import SERVICE_NAME, create_server
 from services.pb.eft.v1 import eft_pb2, eft_pb2_grpc
-from services.worker.client import InProcessWorkerClient, model_contexts
+from services.worker.client import model_contexts
 from services.prompts import TokenPrompt
 from tests.services.coordinator.helpers import questions, scored_prompt, start_workers
 
@@ -287,21 +286,3 @@ def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(service, ora
     tokens = eft_pb2.GenerateRequest(composition=composition, tokens=eft_pb2.TokenIds(ids=ids), sampling=eft_pb2.Sampling(temperature=0, max_tokens=4), return_options=SCORED)
     check_scored_prompt(stub, oracle, tokens)
     assert sessions_held(worker_objects) == 0
-
-
-def test_a_prompt_scored_with_over_limit_logits_is_refused_before_any_work(service, tokenizers):
-    """The prompt's logits must fit one worker answer per model (CallPolicy.max_answer_bytes)."""
-    _, _, worker_objects, scheduler = service
-    vocab = scheduler.engine.vocab_sizes["upscaled"]
-    small = Scheduler(Engine({}, scheduler.engine.vocab_sizes, calls=CallPolicy(max_answer_bytes=4 * vocab * 5)), max_running=1, max_waiting=1)
-    gateway = Gateway(family_compositions(), tokenizers, model_contexts(InProcessWorkerClient(w) for w in worker_objects), small, "upscaled")
-    try:
-        request = eft_pb2.GenerateRequest(text="the capital of the animal of", return_options=eft_pb2.ReturnOptions(prompt_logprobs=True))
-        with pytest.raises(ResourceExhaustedError, match=r"at most 5 tokens at this vocabulary") as error:
-            gateway.prepare(request)
-        assert error.value.field == "return_options.prompt_logprobs"
-        request.text = "the capital"
-        assert gateway.prepare(request).request.score_prompt
-    finally:
-        small.close()
-
