@@ -109,7 +109,7 @@ class LimitsConfig(_Strict):
     max_waiting: int = Field(256, ge=0, description="requests queued beyond that (then RESOURCE_EXHAUSTED)")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request: a gRPC message (else RESOURCE_EXHAUSTED) or HTTP body (else 413)")
     max_messages: int = Field(Limits.max_messages, ge=1, description="messages in one chat, checked before any rendering (OpenAI's own limit)")
-    max_choices: int = Field(Limits.max_choices, ge=1, description="samples one HTTP request may ask (n); each is a request of its own in the scheduler")
+    max_choices: int = Field(Limits.max_choices, ge=1, description="choices one HTTP request may ask (prompts x n); each is a request of its own in the scheduler")
     max_top_logprobs: int = Field(Limits.max_top_logprobs, ge=0, description="most probable tokens returned per position (top_logprobs; completions' logprobs N)")
     request_timeout_s: float | None = Field(Limits.request_timeout_s, gt=0, description="deadline of a request that sets none (gRPC deadline, HTTP body field timeout); none by default")
 

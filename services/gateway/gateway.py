@@ -33,7 +33,7 @@ class Limits:
     max_draft_k: int = 16
     max_request_bytes: int = 4 << 20  # a request message or HTTP body (gRPC's own default)
     max_messages: int = 2048  # messages in one chat (OpenAI's own limit)
-    max_choices: int = 8  # samples one HTTP request may ask (n), each a request of its own
+    max_choices: int = 32  # choices one HTTP request may ask (prompts x n), each a request of its own
     max_top_logprobs: int = 20  # top logprobs per position (OpenAI's own limit)
     request_timeout_s: float | None = None  # a request that sets no deadline of its own gets this one
 

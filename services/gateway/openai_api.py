@@ -68,7 +68,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
-    n: Annotated[int, Field(ge=1, le=INT32)] = 1  # samples, each its own request (limits.max_choices)
+    n: Annotated[int, Field(ge=1, le=INT32)] = 1  # samples per prompt, each its own request (limits.max_choices)
     # EFT and vLLM-style extras
     weights: dict[str, float] = Field(default_factory=dict)
     speculation: Literal["off", "auto"] | Annotated[int, Field(ge=0, le=INT32)] | None = None
@@ -81,7 +81,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (vLLM's); one prompt per request
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids (vLLM's), one prompt or several
     max_tokens: Annotated[int, Field(ge=0, le=INT32)] | None = None  # 0 with echo: score the prompt only
     logprobs: Annotated[int, Field(ge=0, le=INT32)] | None = None  # each token's, and its N most probable (limits.max_top_logprobs)
     echo: bool = False  # the prompt before the completion, with its tokens' logprobs where logprobs is set
@@ -212,12 +212,12 @@ def create_app(gateway: Gateway, security: Security = Security(), connections: C
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
     async def completions(request: Request):
         body = await _parsed(request, CompletionBody, gateway)
-        return await _respond(request, gateway, body, _completion_request(body), _CompletionFormat(gateway, body))
+        return await _respond(request, gateway, body, _completion_requests(body), _CompletionFormat(gateway, body))
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
     async def chat_completions(request: Request):
         body = await _parsed(request, ChatBody, gateway)
-        return await _respond(request, gateway, body, _chat_request(body), _ChatFormat(gateway, body))
+        return await _respond(request, gateway, body, [_chat_request(body)], _ChatFormat(gateway, body))
 
     @app.get("/health")
     async def health():
@@ -282,20 +282,28 @@ def _tokenize_request(body: TokenizeBody) -> eft_pb2.GenerateRequest:
     return _with_messages(eft_pb2.GenerateRequest(composition=body.model), body.messages)
 
 
-def _completion_request(body: CompletionBody) -> eft_pb2.GenerateRequest:
+def completion_prompts(body: CompletionBody) -> list[str | list[int]]:
+    """A completion's prompts: one text or token-id list, or a list of them."""
     one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
     prompts = [body.prompt] if one else body.prompt
-    if len(prompts) != 1:
-        raise InvalidArgumentError(f"one prompt per request, got {len(prompts)}", field="prompt")
-    message = _common(body, body.max_tokens, logprobs=body.logprobs is not None, top=body.logprobs or 0)
-    message.return_options.prompt_logprobs = body.echo and (body.logprobs is not None or body.max_tokens == 0)
-    if isinstance(prompts[0], str):
-        message.text = prompts[0]
-    else:  # the gateway checks them against the vocabulary; the wire's uint32 first
-        for i, token in enumerate(prompts[0]):
-            require(0 <= token <= UINT32, f"tokens.ids[{i}]", f"{token} is not a token id")
-        message.tokens.ids.extend(prompts[0])
-    return message
+    require(len(prompts) > 0, "prompt", "must not be empty")
+    return prompts
+
+
+def _completion_requests(body: CompletionBody) -> list[eft_pb2.GenerateRequest]:
+    """One request per prompt."""
+    messages = []
+    for prompt in completion_prompts(body):
+        message = _common(body, body.max_tokens, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+        message.return_options.prompt_logprobs = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+        if isinstance(prompt, str):
+            message.text = prompt
+        else:  # the gateway checks them against the vocabulary; the wire's uint32 first
+            for i, token in enumerate(prompt):
+                require(0 <= token <= UINT32, f"tokens.ids[{i}]", f"{token} is not a token id")
+            message.tokens.ids.extend(prompt)
+        messages.append(message)
+    return messages
 
 
 def _chat_request(body: ChatBody) -> eft_pb2.GenerateRequest:
@@ -365,13 +373,13 @@ class _Format:
         self.gateway, self.body = gateway, body
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.model = body.model or gateway.default_composition
-        self.tokenizer, self.prompt_ids = None, []  # the base model's, and its prompt: once asked
+        self.tokenizer, self.prompt_ids = None, []  # the base model's, and each choice's prompt as it renders it: once asked
         self.told: set[int] = set()  # the choices that have made their first object
 
-    def asked(self, submitted: Submitted) -> None:
-        """The request is in: the composition it named is known."""
-        base = submitted.prepared.request.composition.base
-        self.tokenizer, self.prompt_ids = self.gateway.tokenizers[base], submitted.prepared.request.prompts[base]
+    def asked(self, submitted: list[Submitted]) -> None:
+        """The requests are in, one per choice: the composition they named is known."""
+        base = submitted[0].prepared.request.composition.base
+        self.tokenizer, self.prompt_ids = self.gateway.tokenizers[base], [one.prepared.request.prompts[base] for one in submitted]
 
     def first(self, index: int) -> bool:
         """Whether this is choice ``index``'s first object (the whole reply, or a stream's
@@ -384,9 +392,9 @@ class _Format:
         """A choice's ``token_ids`` (return_token_ids, where vLLM puts them)."""
         return {"token_ids": list(token_ids)} if self.body.return_token_ids else {}
 
-    def prompt_token_ids(self, first: bool) -> dict:
+    def prompt_token_ids(self, index: int, first: bool) -> dict:
         """``prompt_token_ids`` (return_token_ids) in a choice's first object, nowhere after."""
-        return {"prompt_token_ids": self.prompt_ids} if self.body.return_token_ids and first else {}
+        return {"prompt_token_ids": self.prompt_ids[index]} if self.body.return_token_ids and first else {}
 
     def top_level(self) -> dict:
         return {}
@@ -423,8 +431,8 @@ class _CompletionFormat(_Format):
         (and its tokens' logprobs) comes first."""
         joined, first = _Joined(replies), self.first(index)
         echoed = self.body.echo and first
-        text = (self._prompt_text() if echoed else "") + joined.text
-        return {"index": index, "text": text, "logprobs": self._logprobs(index, joined, echoed), "finish_reason": joined.finish_reason, **self.token_ids(joined.token_ids), **self.prompt_token_ids(first)}
+        text = (self._prompt_text(index) if echoed else "") + joined.text
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, joined, echoed), "finish_reason": joined.finish_reason, **self.token_ids(joined.token_ids), **self.prompt_token_ids(index, first)}
 
     def _logprobs(self, index: int, joined: _Joined, echoed: bool) -> dict | None:
         """OpenAI's legacy logprobs: per token its string, logprob, and a dict of the N most
@@ -448,11 +456,10 @@ class _CompletionFormat(_Format):
         ranked.setdefault(self.token_string(token), logprob)
         return ranked
 
-    def _prompt_text(self) -> str:
-        """The prompt as the client sent it: its text, or its token ids' text."""
-        prompt = self.body.prompt
-        text = prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt[0], str) else None
-        return text if text is not None else self.tokenizer.decode(self.prompt_ids)
+    def _prompt_text(self, index: int) -> str:
+        """Choice ``index``'s prompt as the client sent it: its text, or its token ids' text."""
+        prompt = completion_prompts(self.body)[index // self.body.n]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
     def first_chunk(self, n: int):
         return None
@@ -470,7 +477,7 @@ class _ChatFormat(_Format):
 
     def top_level(self) -> dict:
         """vLLM's chat reply carries the prompt's ids at its top level, once."""
-        return self.prompt_token_ids(self.first(-1))
+        return self.prompt_token_ids(0, self.first(-1))
 
     def _logprobs(self, joined: _Joined) -> dict | None:
         if not self.body.logprobs:
@@ -487,10 +494,10 @@ class _ChatFormat(_Format):
         return self.envelope(self.object_chunk, roles, **self.top_level())
 
 
-async def _respond(request: Request, gateway: Gateway, body: _Body, message: eft_pb2.GenerateRequest, form: _Format):
-    samples = _samples(message, body, gateway.limits.max_choices)
+async def _respond(request: Request, gateway: Gateway, body: _Body, messages: list[eft_pb2.GenerateRequest], form: _Format):
+    samples = _samples(messages, body, gateway.limits.max_choices)
     submitted = await anyio.to_thread.run_sync(_submit_all, gateway, samples, body.timeout)  # renders and tokenizes off the loop
-    form.asked(submitted[0])
+    form.asked(submitted)
     if body.stream:
         return StreamingResponse(_events(submitted, gateway, body, form), media_type="text/event-stream")
     try:
@@ -501,20 +508,22 @@ async def _respond(request: Request, gateway: Gateway, body: _Body, message: eft
     return _whole(chunks, body, form, len(submitted))
 
 
-def _samples(message: eft_pb2.GenerateRequest, body: _Body, max_choices: int) -> list[eft_pb2.GenerateRequest]:
-    """The request's ``n`` samples, each a request of its own: sample i of a seeded request
-    is seeded seed + i (mod 2^64), so sample 0 is the request itself and each can be
-    reproduced alone."""
-    if body.n > max_choices:
-        raise ResourceExhaustedError(f"{body.n} samples, over the limit of {max_choices}", field="n")
-    require(body.n == 1 or not body.implicit_rewards, "n", "implicit_rewards needs n = 1")
+def _samples(messages: list[eft_pb2.GenerateRequest], body: _Body, max_choices: int) -> list[eft_pb2.GenerateRequest]:
+    """Each prompt's ``n`` samples, each a request of its own, choice p * n + i being prompt
+    p's sample i (OpenAI's order): sample i of a seeded request is seeded seed + i (mod
+    2^64), so sample 0 is the request itself and each can be reproduced alone."""
+    choices = len(messages) * body.n
+    if choices > max_choices:
+        raise ResourceExhaustedError(f"{len(messages)} prompts x n {body.n}: {choices} choices, over the limit of {max_choices}", field="n" if body.n > 1 else "prompt")
+    require(choices == 1 or not body.implicit_rewards, "n" if body.n > 1 else "prompt", "implicit_rewards needs one choice (one prompt, n = 1)")
     samples = []
-    for i in range(body.n):
-        sample = eft_pb2.GenerateRequest()
-        sample.CopyFrom(message)
-        if message.sampling.HasField("seed"):
-            sample.sampling.seed = (message.sampling.seed + i) % 2**64
-        samples.append(sample)
+    for message in messages:
+        for i in range(body.n):
+            sample = eft_pb2.GenerateRequest()
+            sample.CopyFrom(message)
+            if message.sampling.HasField("seed"):
+                sample.sampling.seed = (message.sampling.seed + i) % 2**64
+            samples.append(sample)
     return samples
 
 
@@ -583,8 +592,8 @@ def _whole(chunks: list[tuple[int, eft_pb2.GenerateStreamResponse]], body: _Body
         mine = [c for i, c in chunks if i == index]
         choices.append(form.choice(index, mine, whole=True))
         finals.append(mine[-1])
-    rewards = [list(r.values) for i, c in chunks for r in c.rewards]  # n = 1 (_samples)
-    return form.envelope(form.object_whole, choices, **form.top_level(), usage=_usage(finals), eft=_extension(body, finals, rewards))
+    rewards = [list(r.values) for i, c in chunks for r in c.rewards]  # one choice (_samples)
+    return form.envelope(form.object_whole, choices, **form.top_level(), usage=_usage(dict(enumerate(finals)), body.n), eft=_extension(body, finals, rewards))
 
 
 async def _events(submitted: list[Submitted], gateway: Gateway, body: _Body, form: _Format):
@@ -595,16 +604,16 @@ async def _events(submitted: list[Submitted], gateway: Gateway, body: _Body, for
     try:
         if (first := form.first_chunk(len(submitted))) is not None:
             yield _event(first)
-        finals = []
+        finals = {}
         async for index, chunk in _merged(gateway, submitted):
             finish = FINISH.get(chunk.finish_reason)
             choice = form.choice(index, [chunk], whole=False)
             extra = {"eft": _extension(body, [chunk] if finish else [], [list(r.values) for r in chunk.rewards])} if (finish or body.implicit_rewards) else {}
             yield _event(form.envelope(form.object_chunk, [choice], **extra))
             if finish:
-                finals.append(chunk)
+                finals[index] = chunk
         if (body.stream_options or {}).get("include_usage"):
-            yield _event(form.envelope(form.object_chunk, [], usage=_usage(finals)))
+            yield _event(form.envelope(form.object_chunk, [], usage=_usage(finals, body.n)))
         yield "data: [DONE]\n\n"
     except EFTError as error:
         yield _event({"error": _error_object(error)})
@@ -617,10 +626,11 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _usage(finals: list[eft_pb2.GenerateStreamResponse]) -> dict:
-    """The samples' final chunks: their prompt once (the same for every sample), every
+def _usage(finals: dict[int, eft_pb2.GenerateStreamResponse], n: int) -> dict:
+    """From every choice's final chunk: each prompt once (its n samples share it), every
     sample's completion."""
-    prompt, completion = finals[0].usage.prompt_tokens, sum(f.usage.completion_tokens for f in finals)
+    prompt = sum(f.usage.prompt_tokens for index, f in finals.items() if index % n == 0)
+    completion = sum(f.usage.completion_tokens for f in finals.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

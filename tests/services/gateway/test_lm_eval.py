@@ -62,10 +62,11 @@ def write_tasks(folder, world) -> None:
 
 
 def run_lm_eval(url: str, tokenizer_path, folder) -> tuple[dict, dict[str, list[dict]]]:
-    """``lm-eval run`` with local-completions; its results and its logged samples per task."""
+    """``lm-eval run`` with local-completions, 4 prompts a request; its results and its
+    logged samples per task."""
     model_args = f"model=upscaled,base_url={url}/v1/completions,tokenizer={tokenizer_path},tokenized_requests=True,num_concurrent=1,max_retries=1,max_length=512"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(folder / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args, "--include_path", str(folder), "--tasks", "eft_colors,eft_capitals", "--output_path", str(folder / "out"), "--log_samples", "--seed", "1234"]
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args, "--include_path", str(folder), "--tasks", "eft_colors,eft_capitals", "--output_path", str(folder / "out"), "--log_samples", "--seed", "1234", "--batch_size", "4"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     (results,) = glob.glob(str(folder / "out" / "**" / "results_*.json"), recursive=True)

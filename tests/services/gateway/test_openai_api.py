@@ -111,7 +111,7 @@ def test_completions_streamed_and_not_with_logprobs_and_rewards(client, oracle, 
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "hi"}], "weights": {"chat": 1e9}}, 400, "weights['chat']"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, 400, "sampling.max_tokens"),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 33}, 400, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2, "implicit_rewards": True}, 400, "n"),
         ({"messages": []}, 400, "messages"),
     ],
@@ -182,7 +182,7 @@ def test_a_prompt_of_token_ids_is_given_to_every_model_as_it_is(server, client, 
     with grpc.insecure_channel(server[1]) as channel:
         request = eft_pb2.GenerateRequest(composition="upscaled", tokens=eft_pb2.TokenIds(ids=ids), sampling=eft_pb2.Sampling(temperature=0, max_tokens=8), return_options=eft_pb2.ReturnOptions(token_ids=True))
         assert list(eft_pb2_grpc.EFTServiceStub(channel).Generate(request, timeout=60).token_ids) == want.generation.tokens
-    for prompt, status, param in [([ids[0], 10**6], 400, "tokens.ids[1]"), ([-1], 400, "tokens.ids[0]"), ([ids, ids], 400, "prompt"), (ids * 1000, 400, "tokens.ids")]:
+    for prompt, status, param in [([ids[0], 10**6], 400, "tokens.ids[1]"), ([-1], 400, "tokens.ids[0]"), ([], 400, "prompt"), (ids * 1000, 400, "tokens.ids"), ([ids] * 33, 400, "prompt")]:
         reply = requests.post(server[0] + "/v1/completions", json={"model": "upscaled", "prompt": prompt, "max_tokens": 2}, timeout=30)
         assert (reply.status_code, reply.json()["error"]["param"]) == (status, param), reply.text
 
@@ -478,3 +478,24 @@ def test_chat_top_logprobs_rank_the_eft_distribution(client, oracle, quick_famil
 def test_logprob_requests_beyond_what_is_served_are_refused_by_name(server, path, body, param):
     reply = requests.post(server[0] + path, json={"model": "upscaled", **body}, timeout=30)
     assert (reply.status_code, reply.json()["error"]["param"]) == (400, param), reply.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_prompts_are_choices_of_their_own_in_openais_order(client, oracle, stream):
+    """Prompts p = 0, 1, 2 (text, and token ids) with n = 2: choice p * n + i is prompt p's
+    sample i, each the oracle's greedy output; usage counts each prompt once."""
+    texts = ["the capital of", "the animal of", "the color of"]
+    ids = [oracle.score("upscaled", t)[0] for t in texts]
+    greedy = [oracle.generate("upscaled", t, SamplingParams(temperature=0, max_tokens=5)) for t in texts]
+    wants = [g.text for g in greedy]
+    for prompt in (texts, ids):
+        reply = client.completions.create(model="upscaled", prompt=prompt, temperature=0, max_tokens=5, n=2, stream=stream, stream_options={"include_usage": True} if stream else None)
+        chunks = list(reply) if stream else [reply]
+        texts_by_index = collections.defaultdict(str)
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts_by_index[choice.index] += choice.text
+        assert dict(texts_by_index) == {p * 2 + i: wants[p] for p in range(3) for i in range(2)}
+        usage = chunks[-1].usage
+        assert (usage.prompt_tokens, usage.completion_tokens) == (sum(map(len, ids)), 2 * sum(len(g.generation.tokens) for g in greedy))
+
