@@ -130,6 +130,9 @@ def test_a_stalled_replica_fails_only_its_requests_others_see_one_short_gap_and_
         assert returned.error is None and returned.tokens == oracle.generate("upscaled", asked[0], greedy(tokenizers, 8)).generation.tokens
         print(f"stall of one pair replica (deadline {TIMEOUT_S} s): its 2 requests UNAVAILABLE after at most {unavailable_after:.2f} s; the 4 others' largest token gap {max(gaps):.2f} s")
         engine.wait_released(10)
+        deadline = time.monotonic() + 10  # the probe that readmits it frees them, off the engine's releases
+        while stalled.info().sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert stalled.info().sessions == 0 and healthy.info().sessions == 0  # the stalled replica freed its requests' sessions on its return
     finally:
         scheduler.close()
