@@ -251,7 +251,7 @@ class Gateway:
         if not options.prompt_logprobs:
             return
         differ = sorted(m for m in composition.scored_models if prompts[m] != prompts[composition.base])
-        require(not differ, "return_options.prompt_logprobs", f"needs every model of {composition.name!r} to see the same prompt tokens, but this chat renders differently for {differ} than for {composition.base!r}: send a text or token-id prompt")
+        require(not differ, "return_options.prompt_logprobs", f"needs every model of {composition.name!r} to see the same prompt tokens, but this prompt renders differently for {differ} than for {composition.base!r} (their chat templates or BOS): send token ids, which every model sees as they are")
 
     def _max_tokens(self, message: eft_pb2.Sampling, prompts: dict[str, list[int]]) -> int:
         """The request's max_tokens: within the limit, and such that every model's prompt plus

@@ -282,7 +282,7 @@ def _tokenize_request(body: TokenizeBody) -> eft_pb2.GenerateRequest:
     return _with_messages(eft_pb2.GenerateRequest(composition=body.model), body.messages)
 
 
-def completion_prompts(body: CompletionBody) -> list[str | list[int]]:
+def _completion_prompts(body: CompletionBody) -> list[str | list[int]]:
     """A completion's prompts: one text or token-id list, or a list of them."""
     one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
     prompts = [body.prompt] if one else body.prompt
@@ -293,7 +293,7 @@ def completion_prompts(body: CompletionBody) -> list[str | list[int]]:
 def _completion_requests(body: CompletionBody) -> list[eft_pb2.GenerateRequest]:
     """One request per prompt."""
     messages = []
-    for prompt in completion_prompts(body):
+    for prompt in _completion_prompts(body):
         message = _common(body, body.max_tokens, logprobs=body.logprobs is not None, top=body.logprobs or 0)
         message.return_options.prompt_logprobs = body.echo and (body.logprobs is not None or body.max_tokens == 0)
         if isinstance(prompt, str):
@@ -440,7 +440,7 @@ class _CompletionFormat(_Format):
         if self.body.logprobs is None:
             return None
         entries = list(zip(joined.token_ids, joined.logprobs, joined.top))
-        if echoed:
+        if echoed and joined.prompt.prompt_token_ids:  # scored: the reply holds the prompt's tokens
             prompt = joined.prompt
             entries = [(prompt.prompt_token_ids[0], None, None), *zip(prompt.prompt_token_ids[1:], prompt.prompt_logprobs, prompt.prompt_top_logprobs or [None] * len(prompt.prompt_logprobs))] + entries
         if not self.body.logprobs:
@@ -458,7 +458,7 @@ class _CompletionFormat(_Format):
 
     def _prompt_text(self, index: int) -> str:
         """Choice ``index``'s prompt as the client sent it: its text, or its token ids' text."""
-        prompt = completion_prompts(self.body)[index // self.body.n]
+        prompt = _completion_prompts(self.body)[index // self.body.n]
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
     def first_chunk(self, n: int):

@@ -170,4 +170,4 @@ def test_prompt_logprobs_of_a_chat_each_model_renders_differently_are_refused_by
     with pytest.raises(grpc.RpcError) as error:
         stub.Generate(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.value.details().startswith("return_options.prompt_logprobs: needs every model of 'upscaled' to see the same prompt tokens, but this chat renders differently for ['small-tuned'] than for 'large-base'"), error.value.details()
+    assert error.value.details().startswith("return_options.prompt_logprobs: needs every model of 'upscaled' to see the same prompt tokens, but this prompt renders differently for ['small-tuned'] than for 'large-base' (their chat templates or BOS): send token ids"), error.value.details()
