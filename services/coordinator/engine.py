@@ -69,10 +69,12 @@ class EngineRequest:
     score_prompt: bool = False  # the EFT logprob of each prompt token after the first (every scored model has the same prompt)
     score_only: bool = False  # score the prompt and emit nothing (max_tokens 0)
     top_logprobs: int = 0  # per scored or emitted position, its most probable tokens to return
+    model_logprobs: bool = False  # per emitted token, each scored model's own logprob and top logprobs
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob) of the top_logprobs most probable
+    model_views: list[dict[str, tuple[float, list[tuple[int, float]]]]] = field(default_factory=list)  # per token, if asked: model -> (its logprob, its top)
     prompt_logprobs: list[float] = field(default_factory=list)  # per prompt token after the first, as scored
     prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # as top, per prompt token after the first
     prompt_sent: int = 0  # while scoring: the prompt tokens its scored models have been sent
@@ -416,14 +418,18 @@ class Engine:
         whole = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
         picked = {m: per_model[m] if whole else per_model[m][chosen] for d in composition.deltas for m in (d.tuned, d.reference)}
         logprobs, rewards = target[chosen, tokens].tolist(), implicit_rewards(picked, composition, tokens[:, None], vocab)[:, 0].tolist()
-        tops = _top(target[chosen], max((rows[i].top_logprobs for i in deciding), default=0))
+        most = max((rows[i].top_logprobs for i in deciding), default=0)
+        tops = _top(target[chosen], most)
+        views = _model_views({m: per_model[m] if whole else per_model[m][chosen] for m in composition.scored_models}, tokens, most) if any(rows[i].model_logprobs for i in deciding) else None
         offset = 0
         for i, row_tokens in zip(deciding, emitted):
             r, n = rows[i], len(row_tokens)
             if drafts[i]:
                 self._observe_drafts(r, len(drafts[i]), n - 1)
             r.emitted_from = len(r.tokens)
-            self._emit(r, row_tokens, logprobs[offset : offset + n], rewards[offset : offset + n], [t[: r.top_logprobs] for t in tops[offset : offset + n]])
+            mine = slice(offset, offset + n)
+            row_views = [{m: (lp, top[: r.top_logprobs]) for m, (lp, top) in v.items()} for v in views[mine]] if r.model_logprobs else [{}] * n
+            self._emit(r, row_tokens, logprobs[mine], rewards[mine], [t[: r.top_logprobs] for t in tops[mine]], row_views)
             offset += n
         for r in rows:
             if r.score_only and not r.scoring:
@@ -450,13 +456,15 @@ class Engine:
             self.metrics.observe_draft(r.composition.name, drafted, accepted)
 
     @staticmethod
-    def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]], tops: list[list[tuple[int, float]]]) -> None:
-        """Append the tokens, their logprobs, implicit rewards and top logprobs, until a stop."""
-        for token, logprob, reward, top in zip(emitted, logprobs, rewards, tops):
+    def _emit(r: EngineRequest, emitted: list[int], logprobs: list[float], rewards: list[list[float]], tops: list[list[tuple[int, float]]], views: list[dict]) -> None:
+        """Append the tokens, their logprobs, implicit rewards, top logprobs and model views,
+        until a stop."""
+        for token, logprob, reward, top, view in zip(emitted, logprobs, rewards, tops, views):
             r.tokens.append(token)
             r.logprobs.append(logprob)
             r.rewards.append(reward)
             r.top.append(top)
+            r.model_views.append(view)
             if token in r.params.stop_token_ids:
                 r.finish_reason = "stop"
             elif len(r.tokens) >= r.params.max_tokens:
@@ -546,6 +554,17 @@ def _top(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
         return [[] for _ in range(len(logprobs))]
     values, ids = logprobs.topk(min(n, logprobs.shape[-1]), dim=-1)
     return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def _model_views(logits: dict[str, torch.Tensor], tokens: torch.Tensor, n: int) -> list[dict[str, tuple[float, list[tuple[int, float]]]]]:
+    """Per emitted token, each model's own view (``logits``: model -> [tokens, 1, vocab] at
+    the tokens' positions): its log-softmax's value at the token, and its n most probable."""
+    views = [{} for _ in range(len(tokens))]
+    for model, x in logits.items():
+        own = torch.log_softmax(x[:, 0].float(), dim=-1)
+        for view, logprob, top in zip(views, own.gather(1, tokens[:, None])[:, 0].tolist(), _top(own, n)):
+            view[model] = (logprob, top)
+    return views
 
 
 def _draft_probs(qs: list[DraftQ], vocab: int) -> DraftProbs:

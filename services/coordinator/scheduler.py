@@ -28,6 +28,7 @@ class Chunk:
     logprobs: list[float]
     rewards: list[list[float]]
     top: list[list[tuple[int, float]]]  # per token: the most probable tokens (id, logprob), as many as asked
+    views: list[dict]  # per token, if asked: each scored model's (logprob, top)
     final: bool = False
     finish_reason: str | None = None  # stop, length, cancelled, deadline, error
     error: EFTError | None = None
@@ -35,13 +36,13 @@ class Chunk:
     @classmethod
     def of(cls, request: EngineRequest, new: slice, final: bool = False) -> "Chunk":
         """The request's tokens in ``new``, with what they carry; ``final``: with its end."""
-        data = request.tokens[new], request.logprobs[new], request.rewards[new], request.top[new]
+        data = request.tokens[new], request.logprobs[new], request.rewards[new], request.top[new], request.model_views[new]
         return cls(*data, True, request.finish_reason, request.error) if final else cls(*data)
 
     @classmethod
     def ended(cls, reason: str) -> "Chunk":
         """The end of a request that ended outside the engine (cancelled, past its deadline)."""
-        return cls([], [], [], [], True, reason)
+        return cls([], [], [], [], [], True, reason)
 
 
 class Handle:

@@ -136,7 +136,7 @@ class Gateway:
         params = self._sampling(message.sampling, composition, 1 if score_only else self._max_tokens(message.sampling, prompts))
         request = EngineRequest(
             uuid.uuid4().hex, composition, prompts, params, weights, 0 if score_only else draft_k, adaptive,
-            score_prompt=options.prompt_logprobs, score_only=score_only, top_logprobs=options.top_logprobs,
+            score_prompt=options.prompt_logprobs, score_only=score_only, top_logprobs=options.top_logprobs, model_logprobs=options.model_logprobs,
         )  # fmt: skip
         return Prepared(request, list(message.sampling.stop), options, len(prompts[composition.base]))
 
@@ -247,7 +247,7 @@ class Gateway:
         model sees alike."""
         top = options.top_logprobs
         require(0 <= top <= self.limits.max_top_logprobs, "return_options.top_logprobs", f"must be in [0, {self.limits.max_top_logprobs}], got {top}")
-        require(not top or options.logprobs or options.prompt_logprobs, "return_options.top_logprobs", "needs logprobs or prompt_logprobs: they are what it ranks")
+        require(not top or options.logprobs or options.prompt_logprobs or options.model_logprobs, "return_options.top_logprobs", "needs logprobs, prompt_logprobs or model_logprobs: they are what it ranks")
         if not options.prompt_logprobs:
             return
         differ = sorted(m for m in composition.scored_models if prompts[m] != prompts[composition.base])
@@ -386,6 +386,8 @@ class _Replies:
             reply.rewards.extend(eft_pb2.TokenRewards(values=v) for v in chunk.rewards[:kept])
         if options.logprobs and options.top_logprobs:
             reply.top_logprobs.extend(_top_logprobs(top) for top in chunk.top[:kept])
+        if options.model_logprobs:
+            reply.model_logprobs.extend(_model_logprobs(view) for view in chunk.views[:kept])
         if options.prompt_logprobs and not self.prompt_told:
             self._tell_prompt(reply)
         if final:
@@ -408,6 +410,10 @@ class _Replies:
 
 def _top_logprobs(top: list[tuple[int, float]]) -> eft_pb2.TopLogprobs:
     return eft_pb2.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+
+
+def _model_logprobs(view: dict[str, tuple[float, list[tuple[int, float]]]]) -> eft_pb2.TokenModelLogprobs:
+    return eft_pb2.TokenModelLogprobs(models={m: eft_pb2.ModelLogprobs(logprob=lp, top=_top_logprobs(top)) for m, (lp, top) in view.items()})
 
 
 _FINISH = {"stop": eft_pb2.FINISH_REASON_STOP, "length": eft_pb2.FINISH_REASON_LENGTH, "cancelled": eft_pb2.FINISH_REASON_CANCELLED}

@@ -73,6 +73,7 @@ class _Body(BaseModel):
     weights: dict[str, float] = Field(default_factory=dict)
     speculation: Literal["off", "auto"] | Annotated[int, Field(ge=0, le=INT32)] | None = None
     implicit_rewards: bool = False
+    model_logprobs: bool = False  # per token, each scored model's own logprob (and top_logprobs) under eft.model_logprobs
     return_token_ids: bool = False
     top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0
     conservative_top_p: bool = False
@@ -346,7 +347,7 @@ def _common(body: _Body, max_tokens: int | None, logprobs: bool, top: int) -> ef
         weights=body.weights,
         sampling=sampling,
         speculation=_speculation(body.speculation),
-        return_options=eft_pb2.ReturnOptions(token_ids=True, logprobs=logprobs, rewards=body.implicit_rewards, top_logprobs=top),
+        return_options=eft_pb2.ReturnOptions(token_ids=True, logprobs=logprobs, rewards=body.implicit_rewards, top_logprobs=top, model_logprobs=body.model_logprobs),
     )
 
 
@@ -404,6 +405,10 @@ class _Format:
 
     def token_string(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def model_view(self, view: eft_pb2.TokenModelLogprobs) -> dict:
+        """One token's per-model view: {model: {logprob, top_logprobs: [{token, logprob}]}}."""
+        return {m: {"logprob": v.logprob, "top_logprobs": [{"token": self.token_string(t), "logprob": lp} for t, lp in zip(v.top.token_ids, v.top.logprobs)]} for m, v in view.models.items()}
 
 
 class _Joined:
@@ -515,7 +520,8 @@ def _samples(messages: list[eft_pb2.GenerateRequest], body: _Body, max_choices: 
     choices = len(messages) * body.n
     if choices > max_choices:
         raise ResourceExhaustedError(f"{len(messages)} prompts x n {body.n}: {choices} choices, over the limit of {max_choices}", field="n" if body.n > 1 else "prompt")
-    require(choices == 1 or not body.implicit_rewards, "n" if body.n > 1 else "prompt", "implicit_rewards needs one choice (one prompt, n = 1)")
+    for extra in ("implicit_rewards", "model_logprobs"):  # reported once per reply, under eft
+        require(choices == 1 or not getattr(body, extra), "n" if body.n > 1 else "prompt", f"{extra} needs one choice (one prompt, n = 1)")
     samples = []
     for message in messages:
         for i in range(body.n):
@@ -592,8 +598,7 @@ def _whole(chunks: list[tuple[int, eft_pb2.GenerateStreamResponse]], body: _Body
         mine = [c for i, c in chunks if i == index]
         choices.append(form.choice(index, mine, whole=True))
         finals.append(mine[-1])
-    rewards = [list(r.values) for i, c in chunks for r in c.rewards]  # one choice (_samples)
-    return form.envelope(form.object_whole, choices, **form.top_level(), usage=_usage(dict(enumerate(finals)), body.n), eft=_extension(body, finals, rewards))
+    return form.envelope(form.object_whole, choices, **form.top_level(), usage=_usage(dict(enumerate(finals)), body.n), eft=_extension(body, form, finals, [c for _, c in chunks]))
 
 
 async def _events(submitted: list[Submitted], gateway: Gateway, body: _Body, form: _Format):
@@ -608,7 +613,7 @@ async def _events(submitted: list[Submitted], gateway: Gateway, body: _Body, for
         async for index, chunk in _merged(gateway, submitted):
             finish = FINISH.get(chunk.finish_reason)
             choice = form.choice(index, [chunk], whole=False)
-            extra = {"eft": _extension(body, [chunk] if finish else [], [list(r.values) for r in chunk.rewards])} if (finish or body.implicit_rewards) else {}
+            extra = {"eft": _extension(body, form, [chunk] if finish else [], [chunk])} if (finish or body.implicit_rewards or body.model_logprobs) else {}
             yield _event(form.envelope(form.object_chunk, [choice], **extra))
             if finish:
                 finals[index] = chunk
@@ -634,11 +639,14 @@ def _usage(finals: dict[int, eft_pb2.GenerateStreamResponse], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _extension(body: _Body, finals: list, rewards: list[list[float]]) -> dict:
-    """The eft object: the finished samples' draft statistics, summed; the rewards asked."""
+def _extension(body: _Body, form: _Format, finals: list, replies: list[eft_pb2.GenerateStreamResponse]) -> dict:
+    """The eft object: the finished samples' draft statistics, summed; the per-token extras
+    asked (one choice: _samples), of ``replies``' tokens."""
     extension = {"draft_tokens": sum(f.stats.drafted for f in finals), "accepted_tokens": sum(f.stats.accepted for f in finals)} if finals else {}
     if body.implicit_rewards:
-        extension["implicit_rewards"] = rewards
+        extension["implicit_rewards"] = [list(r.values) for c in replies for r in c.rewards]
+    if body.model_logprobs:
+        extension["model_logprobs"] = [form.model_view(view) for c in replies for view in c.model_logprobs]
     return extension
 
 

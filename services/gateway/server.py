@@ -60,6 +60,7 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
             reply.logprobs.extend(chunk.logprobs)
             reply.rewards.extend(chunk.rewards)
             reply.top_logprobs.extend(chunk.top_logprobs)
+            reply.model_logprobs.extend(chunk.model_logprobs)
             reply.prompt_token_ids.extend(chunk.prompt_token_ids)
             reply.prompt_logprobs.extend(chunk.prompt_logprobs)
             reply.prompt_top_logprobs.extend(chunk.prompt_top_logprobs)

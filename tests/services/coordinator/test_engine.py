@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from eft_core import SamplingParams
 from eft_core.draft_length import DraftLengthTuner
@@ -374,4 +375,29 @@ def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(workers, ora
         if r.top_logprobs and r.tokens:  # greedy: each token is its position's most probable, with the same logprob
             assert [t[0] for t in r.top] == list(zip(r.tokens, r.logprobs))
     assert requests[2].finish_reason == "length" and requests[3].prompt_logprobs == [] and requests[3].top == [[]] * len(requests[3].tokens)
+    assert all(w.info().sessions == 0 for w in worker_objects)
+
+
+@pytest.mark.parametrize("draft_k", [0, 3])
+def test_each_models_own_view_of_the_emitted_tokens_is_its_log_softmax(workers, oracle, tokenizers, quick_family, draft_k):
+    """model_logprobs: per emitted token (accepted drafts too), every scored model's own
+    logprob of it and its top logprobs, equal the oracle's per-model logits at that position."""
+    placement, worker_objects = workers
+    engine = Engine(pools_of(placement), oracle.vocab_sizes)
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(tokenizers["large-base"].eos_token_id,))
+    messages = questions(quick_family)[1]
+    asking, other = (make_request(i, "mixed", messages, tokenizers, params, draft_k=draft_k) for i in (0, 1))
+    asking.model_logprobs, asking.top_logprobs = True, 2
+    run(engine, [asking, other])
+    want = oracle.generate("mixed", messages, params, keep_logits=True)
+    assert asking.tokens == want.generation.tokens and len(asking.model_views) == len(want.step_logits)
+    vocab = oracle.vocab_sizes["mixed"]
+    for token, view, logits in zip(asking.tokens, asking.model_views, want.step_logits):
+        assert set(view) == set(oracle.compositions["mixed"].scored_models)
+        for model, (logprob, top) in view.items():
+            own = torch.log_softmax(logits[model][:vocab].float(), dim=-1)
+            values, ids = own.topk(2)
+            assert logprob == pytest.approx(float(own[token]), abs=1e-5) and [i for i, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert other.model_views == [{}] * len(other.tokens)
     assert all(w.info().sessions == 0 for w in worker_objects)

@@ -10,6 +10,7 @@ import grpc
 import openai
 import pytest
 import requests
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from eft_core import SamplingParams, eft_logprobs
@@ -499,3 +500,22 @@ def test_several_prompts_are_choices_of_their_own_in_openais_order(client, oracl
         usage = chunks[-1].usage
         assert (usage.prompt_tokens, usage.completion_tokens) == (sum(map(len, ids)), 2 * sum(len(g.generation.tokens) for g in greedy))
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_model_logprobs_give_each_models_own_view_under_eft(client, oracle, quick_family, stream):
+    messages = questions(quick_family)[3]
+    params = dict(model="mixed", messages=messages, temperature=0, max_tokens=6, top_logprobs=3, logprobs=True, stream=stream, extra_body={"model_logprobs": True})
+    reply = client.chat.completions.create(**params)
+    views = [v for chunk in reply for v in chunk.model_extra.get("eft", {}).get("model_logprobs", [])] if stream else reply.model_extra["eft"]["model_logprobs"]
+    want = oracle.generate("mixed", messages, SamplingParams(temperature=0, max_tokens=6), keep_logits=True)
+    assert len(views) == len(want.generation.tokens)
+    vocab, tokenizer = oracle.vocab_sizes["mixed"], oracle.tokenizers["large-base"]
+    for token, view, logits in zip(want.generation.tokens, views, want.step_logits):
+        assert set(view) == {"large-base", "small-base", "small-tuned", "small-safe"}
+        for model, seen in view.items():
+            own = torch.log_softmax(logits[model][:vocab].float(), dim=-1)
+            assert seen["logprob"] == pytest.approx(float(own[token]), abs=1e-5)
+            assert [t["token"] for t in seen["top_logprobs"]] == [tokenizer.decode([i]) for i in own.topk(3).indices.tolist()]
+    with pytest.raises(openai.BadRequestError, match="model_logprobs needs one choice"):
+        client.chat.completions.create(**{**params, "stream": False, "n": 2})

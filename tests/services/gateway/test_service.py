@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -286,3 +287,21 @@ def test_prompt_logprobs_and_top_logprobs_equal_the_oracles_scoring(service, ora
     tokens = eft_pb2.GenerateRequest(composition=composition, tokens=eft_pb2.TokenIds(ids=ids), sampling=eft_pb2.Sampling(temperature=0, max_tokens=4), return_options=SCORED)
     check_scored_prompt(stub, oracle, tokens)
     assert sessions_held(worker_objects) == 0
+
+
+def test_model_logprobs_over_grpc_whole_and_streamed(service, oracle, quick_family):
+    stub, _, _, _ = service
+    messages = questions(quick_family)[0]
+    request = ask(messages, "mixed", FIXED, 3)
+    request.return_options.model_logprobs, request.return_options.top_logprobs = True, 2
+    reply = stub.Generate(request, timeout=60)
+    want = oracle.generate("mixed", messages, SamplingParams(temperature=0, max_tokens=12), keep_logits=True)
+    assert list(reply.token_ids) == want.generation.tokens and len(reply.model_logprobs) == len(reply.token_ids)
+    vocab = oracle.vocab_sizes["mixed"]
+    for token, view, logits in zip(reply.token_ids, reply.model_logprobs, want.step_logits):
+        assert set(view.models) == set(oracle.compositions["mixed"].scored_models)
+        for model, seen in view.models.items():
+            own = torch.log_softmax(logits[model][:vocab].float(), dim=-1)
+            assert seen.logprob == pytest.approx(float(own[token]), abs=1e-5) and list(seen.top.token_ids) == own.topk(2).indices.tolist()
+    streamed = [v for chunk in stub.GenerateStream(request, timeout=60) for v in chunk.model_logprobs]
+    assert [sorted(v.models) for v in streamed] == [sorted(v.models) for v in reply.model_logprobs]
