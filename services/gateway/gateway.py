@@ -56,7 +56,8 @@ class Gateway:
         self.compositions, self.tokenizers, self.contexts, self.scheduler = dict(compositions), dict(tokenizers), dict(contexts), scheduler
         self.default_composition, self.limits = default_composition, limits
         self.metrics = metrics or ServingMetrics()
-        self.draining = False  # set by drain(): health turns NOT_SERVING, a request that still gets in UNAVAILABLE
+        self.draining = False  # set by drain(): health turns NOT_SERVING
+        self.drained = False  # set when drain() returns: a request that still gets in is UNAVAILABLE
         self.health_changed = threading.Event()  # the gRPC health service asks again when set
         self.longest_token = {name: longest_token_chars(t) for name, t in self.tokenizers.items()}
 
@@ -92,14 +93,19 @@ class Gateway:
         first (a health watch hears it at once), then ``stop_listening`` closes the servers'
         doors: new connections go to the replicas that share the port or the Service, open
         ones are asked to reconnect (gRPC's GOAWAY, HTTP's Connection: close) once their
-        running requests end, so a client's next request lands elsewhere, not on a refusal."""
+        running requests end, so a client's next request lands elsewhere, not on a refusal.
+        A call the servers took before they stopped listening is served, even if it reaches
+        ``submit`` after the drain began (its handler waited for a thread); one arriving
+        after the drain ended is refused."""
         self.draining = True
         self.health_changed.set()
         stop_listening()
-        admitted = self.admitted()
         deadline = time.monotonic() + timeout_s
+        time.sleep(poll_s)  # the calls taken just before the doors closed reach submit
+        admitted = self.admitted()
         while self.admitted() and time.monotonic() < deadline:
             time.sleep(poll_s)
+        self.drained = True
         return admitted - self.admitted(), self.admitted()
 
     def admitted(self) -> int:
@@ -142,10 +148,10 @@ class Gateway:
 
     def submit(self, message: eft_pb2.GenerateRequest, timeout: float | None = None) -> "Submitted":
         """Validate and queue a request. ``timeout``: seconds from now for the whole request
-        (None: limits.request_timeout_s). Refused with UNAVAILABLE while the gateway drains."""
+        (None: limits.request_timeout_s). Refused with UNAVAILABLE once the gateway has drained."""
         arrived = time.monotonic()
         try:
-            if self.draining:
+            if self.drained:
                 raise UnavailableError("this gateway is shutting down: retry (another replica serves)")
             prepared = self.prepare(message)
             handle = self.scheduler.submit(prepared.request, timeout if timeout is not None else self.limits.request_timeout_s)
