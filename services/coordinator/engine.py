@@ -416,11 +416,15 @@ class Engine:
         chosen = torch.tensor([start + j for start, tokens in zip(first, emitted) for j in range(len(tokens))], dtype=torch.long, device=self.device)
         tokens = torch.tensor([t for tokens in emitted for t in tokens], dtype=torch.long, device=self.device)
         whole = len(chosen) == len(target)  # no drafts, or all accepted: no positions to pick
-        picked = {m: per_model[m] if whole else per_model[m][chosen] for d in composition.deltas for m in (d.tuned, d.reference)}
+
+        def at_chosen(model: str) -> torch.Tensor:  # [tokens, 1, vocab]: the model's logits at the emitted tokens
+            return per_model[model] if whole else per_model[model][chosen]
+
+        picked = {m: at_chosen(m) for d in composition.deltas for m in (d.tuned, d.reference)}
         logprobs, rewards = target[chosen, tokens].tolist(), implicit_rewards(picked, composition, tokens[:, None], vocab)[:, 0].tolist()
         most = max((rows[i].top_logprobs for i in deciding), default=0)
-        tops = _top(target[chosen], most)
-        views = _model_views({m: per_model[m] if whole else per_model[m][chosen] for m in composition.scored_models}, tokens, most) if any(rows[i].model_logprobs for i in deciding) else None
+        tops = _top(target[chosen], most) if most else [[] for _ in range(len(tokens))]  # no [tokens, vocab] copy unless asked
+        views = _model_views({m: picked[m] if m in picked else at_chosen(m) for m in composition.scored_models}, tokens, most) if any(rows[i].model_logprobs for i in deciding) else None
         offset = 0
         for i, row_tokens in zip(deciding, emitted):
             r, n = rows[i], len(row_tokens)
